@@ -1,0 +1,52 @@
+"""``megatron-emu-train --config FILE.yaml [--set dotted.key=value ...] [--dry-run [--json]]``.
+
+The config is loaded strictly and validated (every problem at once, each naming its field)
+before any process group starts. ``--dry-run`` prints the parameter and memory plan of the
+configured layout without GPUs, process groups or data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from megatron_emu.config.io import ConfigError, load_config
+from megatron_emu.config.validate import validate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-emu-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML preset (examples/configs/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print parameters per component/stage and memory per GPU, then exit")
+    p.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg, None if args.dry_run else world)
+    except ConfigError as e:
+        print(f"megatron-emu-train: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        from megatron_emu.planner import format_plan, plan
+
+        report = plan(cfg)
+        print(json.dumps(report, indent=2) if args.json else format_plan(report))
+        return 0
+    print("megatron-emu-train: the training loop is not implemented yet (see the training-job "
+          "issue); use --dry-run to plan a layout", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Typed configuration tree of megatron_emu.
+
+YAML files are only a serialisation of these dataclasses (see ``config/io.py``): loading is
+strict (unknown keys, wrong types and missing required fields are errors naming the dotted
+path), and ``--set a.b=c`` overrides are type-checked against the field they change.
+Cross-field rules live in ``config/validate.py``; derived values (padded vocabulary, layer
+split per pipeline stage, micro-batch counts) are pure functions in ``config/derived.py``.
+Each component receives only its own sub-config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass(kw_only=True)
+class VisionConfig:
+    """EVA-CLIP-style ViT (Emu2: EVA-02-CLIP-E/14-plus at 448 px).
+
+    Architecture sizes have no defaults: a preset must state them (a forgotten key is an
+    error, not a silently different model)."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    layer_norm_eps: float = 1e-6
+    postnorm: bool = True
+    # "qv": q and v biases only (EVA-CLIP; the k third is zero); "qkv": a full QKV bias.
+    qkv_bias: Literal["qv", "qkv"] = "qv"
+
+
+@dataclass(kw_only=True)
+class AdapterConfig:
+    """Average-pool of the patch grid to ``n_query`` tokens, then ``project_up`` (no bias)."""
+
+    n_query: int
+
+
+@dataclass(kw_only=True)
+class LMConfig:
+    """LLaMA decoder (Emu2: LLaMA-33B with the Emu2 vocabulary)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: Optional[int] = None
+    ffn_hidden_size: int
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    make_vocab_size_divisible_by: int = 128
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """The two heads' objective: ``lm_weight * CE + reg_weight * MSE``.
+
+    ``ce_ignore_tokens`` are special-token names whose occurrence as a *label* (the next token)
+    is excluded from cross-entropy (emu2_spec.md §2, Emu1 lineage).
+    """
+
+    lm_weight: float = 1.0
+    reg_weight: float = 1.0
+    ce_ignore_tokens: list[str] = field(
+        default_factory=lambda: ["[PAD]", "[IMG]", "[/IMG]", "<image>"]
+    )
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    vision: VisionConfig
+    adapter: AdapterConfig
+    lm: LMConfig
+    loss: LossConfig = field(default_factory=LossConfig)
+    # "local": megatron-core's local spec (CPU, CI); "transformer_engine": TE spec (GPU, FP8).
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    # Weights/activations dtype. fp32 on CPU makes layouts and resumes exactly comparable.
+    params_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    init_method_std: float = 0.02
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    # LM layers on the first stage (which also holds the ViT and adapter); None = even split.
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    # Expected data-parallel size; None = whatever the launcher's world size implies.
+    data_parallel_size: Optional[int] = None
+    use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    # Batched p2p is wrong with virtual pipeline and PP=2 (megatron_core_cpu.md §6).
+    batch_p2p_comm: bool = True
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    train_iters: int = 1000
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    seq_length: int = 2048
+    seed: int = 1234
+    lr: float = 3e-5
+    min_lr: float = 0.0
+    lr_warmup_fraction: float = 0.02
+    weight_decay: float = 0.05
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-6
+    clip_grad: float = 5.0
+    # Parameter-name globs (e.g. "vision.*") that are frozen: no gradient, no optimizer state.
+    freeze: list[str] = field(default_factory=list)
+    recompute_granularity: Optional[Literal["selective", "full"]] = None
+    fp8: Optional[Literal["hybrid", "e4m3"]] = None
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    # One shard directory, or a blend written as "weight:dir" entries.
+    path: list[str] = field(default_factory=list)
+    tokenizer: Optional[str] = None
+    max_images_per_sequence: int = 8
+    num_workers: int = 2
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    dir: Optional[str] = None
+    save_interval: int = 1000
+    load: Optional[str] = None
+    keep_last: int = 3
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    dir: str = "runs/default"
+    log_interval: int = 1
+
+
+@dataclass(kw_only=True)
+class EmuConfig:
+    """Root of the configuration tree (one YAML file)."""
+
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)

@@ -1,0 +1,208 @@
+"""One validator: every cross-field problem of a config, reported at once, before any process
+group starts. Each message names the dotted field(s) it is about."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from megatron_emu.config import derived
+from megatron_emu.config.io import ConfigError
+from megatron_emu.config.schema import EmuConfig
+from megatron_emu.data import special_tokens
+
+
+def _positive(errors: list[str], cfg: EmuConfig) -> None:
+    checks = {
+        "model.vision.image_size": cfg.model.vision.image_size,
+        "model.vision.patch_size": cfg.model.vision.patch_size,
+        "model.vision.width": cfg.model.vision.width,
+        "model.vision.num_layers": cfg.model.vision.num_layers,
+        "model.vision.num_heads": cfg.model.vision.num_heads,
+        "model.vision.mlp_dim": cfg.model.vision.mlp_dim,
+        "model.adapter.n_query": cfg.model.adapter.n_query,
+        "model.lm.vocab_size": cfg.model.lm.vocab_size,
+        "model.lm.hidden_size": cfg.model.lm.hidden_size,
+        "model.lm.num_layers": cfg.model.lm.num_layers,
+        "model.lm.num_attention_heads": cfg.model.lm.num_attention_heads,
+        "model.lm.ffn_hidden_size": cfg.model.lm.ffn_hidden_size,
+        "model.lm.make_vocab_size_divisible_by": cfg.model.lm.make_vocab_size_divisible_by,
+        "parallel.tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
+        "parallel.pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size,
+        "train.train_iters": cfg.train.train_iters,
+        "train.global_batch_size": cfg.train.global_batch_size,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.seq_length": cfg.train.seq_length,
+        "checkpoint.save_interval": cfg.checkpoint.save_interval,
+        "run.log_interval": cfg.run.log_interval,
+    }
+    for name, value in checks.items():
+        if value <= 0:
+            errors.append(f"{name}: must be positive, got {value}")
+
+
+def _vision(errors: list[str], cfg: EmuConfig) -> None:
+    v, n_query = cfg.model.vision, cfg.model.adapter.n_query
+    if v.image_size % v.patch_size:
+        errors.append(f"model.vision.image_size ({v.image_size}) must be a multiple of "
+                      f"model.vision.patch_size ({v.patch_size})")
+    if v.width % v.num_heads:
+        errors.append(f"model.vision.width ({v.width}) must be divisible by "
+                      f"model.vision.num_heads ({v.num_heads})")
+    side = math.isqrt(n_query)
+    if side * side != n_query:
+        errors.append(f"model.adapter.n_query ({n_query}) must be a perfect square (8x8 = 64)")
+    elif v.patch_size > 0 and derived.patch_grid(v) % side:
+        errors.append(f"model.adapter.n_query ({n_query}): the {derived.patch_grid(v)}x"
+                      f"{derived.patch_grid(v)} patch grid cannot be average-pooled to {side}x{side}")
+
+
+def _lm(errors: list[str], cfg: EmuConfig) -> None:
+    lm = cfg.model.lm
+    if lm.hidden_size % lm.num_attention_heads:
+        errors.append(f"model.lm.hidden_size ({lm.hidden_size}) must be divisible by "
+                      f"model.lm.num_attention_heads ({lm.num_attention_heads})")
+    groups = lm.num_query_groups
+    if groups is not None and (groups <= 0 or lm.num_attention_heads % groups):
+        errors.append(f"model.lm.num_query_groups ({groups}) must divide "
+                      f"model.lm.num_attention_heads ({lm.num_attention_heads})")
+    needed = special_tokens.IMAGE_ID + 1
+    if lm.vocab_size < needed:
+        errors.append(f"model.lm.vocab_size ({lm.vocab_size}) must hold the Emu2 special token "
+                      f"ids (at least {needed}; Emu2 uses {special_tokens.EMU2_VOCAB_SIZE})")
+    seq = cfg.train.seq_length
+    if seq > lm.max_position_embeddings:
+        errors.append(f"train.seq_length ({seq}) exceeds model.lm.max_position_embeddings "
+                      f"({lm.max_position_embeddings})")
+    if seq < derived.tokens_per_image(cfg.model.adapter.n_query) + 2:
+        errors.append(f"train.seq_length ({seq}) cannot hold one image "
+                      f"({derived.tokens_per_image(cfg.model.adapter.n_query)} tokens) plus <s> and </s>")
+    for i, name in enumerate(cfg.model.loss.ce_ignore_tokens):
+        if name not in special_tokens.TOKEN_IDS:
+            errors.append(f"model.loss.ce_ignore_tokens[{i}]: unknown special token {name!r}")
+    for name in ("lm_weight", "reg_weight"):
+        if getattr(cfg.model.loss, name) < 0:
+            errors.append(f"model.loss.{name}: must be >= 0")
+
+
+def _tensor_parallel(errors: list[str], cfg: EmuConfig) -> None:
+    tp, lm, v = cfg.parallel.tensor_model_parallel_size, cfg.model.lm, cfg.model.vision
+    if tp <= 0:
+        return
+    divisible = {
+        "model.lm.num_attention_heads": lm.num_attention_heads,
+        "model.vision.num_heads": v.num_heads,
+        "model.lm.ffn_hidden_size": lm.ffn_hidden_size,
+        "model.vision.mlp_dim": v.mlp_dim,
+    }
+    if lm.num_query_groups is not None:
+        divisible["model.lm.num_query_groups"] = lm.num_query_groups
+    if lm.make_vocab_size_divisible_by > 0:
+        divisible["padded vocabulary (model.lm.vocab_size rounded up to "
+                  "model.lm.make_vocab_size_divisible_by)"] = derived.padded_vocab_size(lm)
+    for name, value in divisible.items():
+        if value % tp:
+            errors.append(f"parallel.tensor_model_parallel_size ({tp}) must divide {name} ({value})")
+    if cfg.parallel.sequence_parallel:
+        if tp == 1:
+            errors.append("parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
+        if cfg.train.seq_length % tp:
+            errors.append(f"train.seq_length ({cfg.train.seq_length}) must be divisible by "
+                          f"parallel.tensor_model_parallel_size ({tp}) with sequence parallelism")
+
+
+def _pipeline(errors: list[str], cfg: EmuConfig) -> None:
+    par, layers = cfg.parallel, cfg.model.lm.num_layers
+    pp, vpp, first = par.pipeline_model_parallel_size, par.virtual_pipeline_model_parallel_size, par.num_layers_in_first_pipeline_stage
+    if pp <= 0 or layers <= 0:
+        return
+    if vpp is not None:
+        if vpp < 2:
+            errors.append(f"parallel.virtual_pipeline_model_parallel_size ({vpp}) must be >= 2 or null")
+        if pp < 2:
+            errors.append("parallel.virtual_pipeline_model_parallel_size needs "
+                          "parallel.pipeline_model_parallel_size >= 2")
+        if pp == 2 and par.batch_p2p_comm:
+            errors.append("parallel.batch_p2p_comm must be false with virtual pipeline and "
+                          "parallel.pipeline_model_parallel_size 2 (batched p2p between the same two "
+                          "ranks silently swaps activations and gradients)")
+        if first is not None:
+            errors.append("parallel.num_layers_in_first_pipeline_stage is not supported together "
+                          "with parallel.virtual_pipeline_model_parallel_size")
+    if first is not None:
+        if pp == 1:
+            errors.append("parallel.num_layers_in_first_pipeline_stage needs "
+                          "parallel.pipeline_model_parallel_size > 1")
+        elif not 0 < first < layers or (layers - first) % (pp - 1):
+            errors.append(f"parallel.num_layers_in_first_pipeline_stage ({first}): the remaining "
+                          f"{layers - first} of model.lm.num_layers ({layers}) must split evenly over "
+                          f"the other {pp - 1} stages, with at least one layer on the first stage")
+    elif layers % (pp * (vpp or 1)):
+        errors.append(f"model.lm.num_layers ({layers}) must be divisible by "
+                      f"parallel.pipeline_model_parallel_size x virtual size ({pp * (vpp or 1)})")
+
+
+def _batch(errors: list[str], cfg: EmuConfig, world_size: Optional[int]) -> None:
+    par, tr = cfg.parallel, cfg.train
+    mp = par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+    if mp <= 0:
+        return
+    dp = par.data_parallel_size
+    if world_size is not None:
+        if world_size % mp:
+            errors.append(f"world size {world_size} is not divisible by tensor x pipeline "
+                          f"parallel size ({mp})")
+        elif dp is not None and dp * mp != world_size:
+            errors.append(f"parallel.data_parallel_size ({dp}) x tensor ({par.tensor_model_parallel_size}) x "
+                          f"pipeline ({par.pipeline_model_parallel_size}) != world size {world_size}")
+        dp = world_size // mp if world_size % mp == 0 else dp
+    dp = dp or 1
+    if tr.micro_batch_size > 0 and tr.global_batch_size % (tr.micro_batch_size * dp):
+        errors.append(f"train.global_batch_size ({tr.global_batch_size}) must be divisible by "
+                      f"train.micro_batch_size ({tr.micro_batch_size}) x data-parallel size ({dp})")
+    elif par.virtual_pipeline_model_parallel_size and tr.micro_batch_size > 0:
+        nmb = derived.num_microbatches(cfg, dp)
+        if nmb % par.pipeline_model_parallel_size:
+            errors.append(f"interleaved pipeline needs the number of micro-batches ({nmb} = "
+                          f"train.global_batch_size / (micro_batch_size x dp)) to be a multiple of "
+                          f"parallel.pipeline_model_parallel_size")
+
+
+def _train(errors: list[str], cfg: EmuConfig) -> None:
+    tr = cfg.train
+    if tr.lr <= 0:
+        errors.append(f"train.lr: must be positive, got {tr.lr}")
+    if not 0 <= tr.min_lr <= tr.lr:
+        errors.append(f"train.min_lr ({tr.min_lr}) must be in [0, train.lr]")
+    if not 0 <= tr.lr_warmup_fraction <= 1:
+        errors.append(f"train.lr_warmup_fraction ({tr.lr_warmup_fraction}) must be in [0, 1]")
+    if not (0 <= tr.adam_beta1 < 1 and 0 <= tr.adam_beta2 < 1):
+        errors.append("train.adam_beta1 / train.adam_beta2 must be in [0, 1)")
+    if tr.fp8 is not None:
+        if cfg.model.transformer_impl != "transformer_engine":
+            errors.append("train.fp8 needs model.transformer_impl: transformer_engine")
+        if cfg.model.params_dtype != "bfloat16":
+            errors.append("train.fp8 needs model.params_dtype: bfloat16")
+    if cfg.parallel.overlap_param_gather and not cfg.parallel.use_distributed_optimizer:
+        errors.append("parallel.overlap_param_gather needs parallel.use_distributed_optimizer")
+
+
+def config_errors(cfg: EmuConfig, world_size: Optional[int] = None) -> list[str]:
+    """All problems of ``cfg`` (empty when valid). ``world_size`` is checked when given."""
+    errors: list[str] = []
+    _positive(errors, cfg)
+    _vision(errors, cfg)
+    _lm(errors, cfg)
+    _tensor_parallel(errors, cfg)
+    _pipeline(errors, cfg)
+    _batch(errors, cfg, world_size)
+    _train(errors, cfg)
+    return errors
+
+
+def validate(cfg: EmuConfig, world_size: Optional[int] = None) -> EmuConfig:
+    """Raise ``ConfigError`` listing every problem; return ``cfg`` unchanged when valid."""
+    errors = config_errors(cfg, world_size)
+    if errors:
+        raise ConfigError(errors)
+    return cfg

@@ -1,0 +1,52 @@
+"""Build this rank's model chunks (one per virtual pipeline stage) and apply freezing."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+from megatron.core.enums import ModelType
+from megatron.core.pipeline_parallel.utils import is_vp_first_stage, is_vp_last_stage
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from megatron_emu.config.schema import EmuConfig
+from megatron_emu.model.emu2 import Emu2Model
+
+
+def build_model_chunks(cfg: EmuConfig, pgs: ProcessGroupCollection) -> list[Emu2Model]:
+    """The chunks this rank holds: ``[Emu2Model]`` (or one per virtual stage), on the device.
+
+    The first chunk of pipeline rank 0 holds the ViT, adapter and embedding; the last chunk of
+    the last rank holds the final norm and heads.
+    """
+    from megatron_emu.utils import device
+
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    pp_rank = torch.distributed.get_rank(pgs.pp)
+    pp_size = torch.distributed.get_world_size(pgs.pp)
+    chunks = []
+    for vp in range(vpp or 1):
+        vp_stage = vp if vpp else None
+        pre = pp_rank == 0 and (vp_stage is None or is_vp_first_stage(vp_stage, vpp))
+        post = pp_rank == pp_size - 1 and (vp_stage is None or is_vp_last_stage(vp_stage, vpp))
+        model = Emu2Model(cfg, pgs, pre_process=pre, post_process=post, vp_stage=vp_stage)
+        model.model_type = ModelType.encoder_or_decoder
+        chunks.append(model.to(device.device()))
+    apply_freeze(chunks, cfg.train.freeze)
+    return chunks
+
+
+def apply_freeze(chunks: list[torch.nn.Module], patterns: list[str]) -> list[str]:
+    """Freeze parameters whose name matches a glob (``vision.*``); returns the frozen names.
+
+    Names are the same on every layout (``vision.*``, ``adapter.*``, ``embedding.*``,
+    ``decoder.layers.*``, ``heads.*``); a pattern that matches nothing on any rank is caught by
+    ``check_freeze_patterns``.
+    """
+    frozen = []
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                param.requires_grad_(False)
+                frozen.append(name)
+    return frozen

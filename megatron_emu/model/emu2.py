@@ -1,0 +1,179 @@
+"""The Emu2 model chunk of one pipeline (virtual) stage, composed from megatron-core parts.
+
+First stage: ViT + adapter + token embedding (visual embeddings replace ``<image>`` token
+embeddings, then the SP scatter). Every stage: its slice of LLaMA layers. Last stage: final
+RMSNorm + the two heads (see ``heads.py``).
+
+Regression targets (the detached pooled ViT features) are produced on the first stage and
+needed on the last one. They ride along in the pipeline activation: the tensor exchanged
+between stages is ``cat([hidden [s(/tp), b, h], extra [e, b, h]])`` where ``extra`` holds the
+flattened targets (zero-padded to a fixed capacity, so every p2p has one static shape).
+Intermediate stages run their layers on the ``hidden`` rows and pass ``extra`` through.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock, get_num_layers_to_build
+
+from megatron_emu.config import derived
+from megatron_emu.config.schema import EmuConfig
+from megatron_emu.data import special_tokens
+from megatron_emu.model import multimodal, specs
+from megatron_emu.model.adapter import Adapter, pool_patches
+from megatron_emu.model.heads import Emu2Heads
+from megatron_emu.model.megatron_config import (
+    lm_transformer_config,
+    vision_transformer_config,
+    with_overrides,
+)
+from megatron_emu.model.vision import VisionEncoder
+
+
+def max_visual_tokens(cfg: EmuConfig) -> int:
+    """Capacity of visual embeddings per sample carried between stages."""
+    fit = cfg.train.seq_length // derived.tokens_per_image(cfg.model.adapter.n_query)
+    return min(cfg.data.max_images_per_sequence, fit) * cfg.model.adapter.n_query
+
+
+def extra_rows(cfg: EmuConfig) -> int:
+    """Rows ``e`` of the ``[e, b, h]`` target payload appended to the pipeline activation."""
+    if cfg.parallel.pipeline_model_parallel_size == 1:
+        return 0
+    per_sample = max_visual_tokens(cfg) * cfg.model.vision.width
+    return math.ceil(per_sample / cfg.model.lm.hidden_size)
+
+
+def p2p_seq_length(cfg: EmuConfig) -> int:
+    """The ``seq_length`` to give megatron-core's schedules (it divides it by TP under SP)."""
+    tp = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
+    return cfg.train.seq_length + extra_rows(cfg) * tp
+
+
+class Emu2Model(MegatronModule):
+    """One pipeline chunk. ``forward(batch) ->`` the stage output (payload ``[s(/tp)+e, b, h]``)
+    or, on the last stage, ``{"loss", "lm_loss", "reg_loss"}`` scalars of the micro-batch."""
+
+    def __init__(self, cfg: EmuConfig, pg_collection: ProcessGroupCollection,
+                 pre_process: bool, post_process: bool, vp_stage: Optional[int] = None):
+        lm_config = lm_transformer_config(cfg)
+        super().__init__(config=lm_config)
+        self.cfg = cfg
+        self.pg_collection = pg_collection
+        self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
+        self.model_type = None  # set by the builder (megatron ModelType.encoder_or_decoder)
+        self.extra_rows = extra_rows(cfg)
+        impl = cfg.model.transformer_impl
+        lm = cfg.model.lm
+        self.input_tensor: Optional[torch.Tensor] = None
+        if pre_process:
+            self.vision = VisionEncoder(vision_transformer_config(cfg), cfg.model.vision, impl,
+                                        pg_collection)
+            self.adapter = Adapter(with_overrides(lm_config, sequence_parallel=False),
+                                   cfg.model.vision.width, lm.hidden_size, pg_collection)
+            self.embedding = LanguageModelEmbedding(
+                config=lm_config, vocab_size=derived.padded_vocab_size(lm),
+                max_sequence_length=lm.max_position_embeddings, position_embedding_type="rope",
+                scatter_to_sequence_parallel=False, tp_group=pg_collection.tp,
+            )
+        self.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=lm_config.kv_channels, rotary_percent=1.0, rotary_interleaved=False,
+            rotary_base=lm.rope_theta, use_cpu_initialization=True,
+        )
+        pp_rank = torch.distributed.get_rank(pg_collection.pp)
+        n_layers = get_num_layers_to_build(lm_config, vp_stage=vp_stage, pp_rank=pp_rank)
+        self.decoder = TransformerBlock(
+            config=lm_config,
+            spec=specs.block_spec(specs.lm_layer_spec(impl), n_layers, impl, post_process),
+            post_layer_norm=True, pre_process=True, post_process=post_process,
+            pg_collection=pg_collection, vp_stage=vp_stage,
+        )
+        if post_process:
+            self.heads = Emu2Heads(lm_config, lm.vocab_size, derived.padded_vocab_size(lm),
+                                   cfg.model.vision.width, pg_collection)
+        ignore = [special_tokens.token_id(t) for t in cfg.model.loss.ce_ignore_tokens]
+        self.register_buffer("_ce_ignore", torch.tensor(ignore, dtype=torch.long), persistent=False)
+
+    # -- pipeline plumbing -------------------------------------------------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        """Called by megatron-core's schedules with the activation received from the previous stage."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def _pack(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """hidden ``[s', b, h]`` + targets ``[N, width]`` -> payload ``[s' + e, b, h]``."""
+        s, b, h = hidden.shape
+        capacity = self.extra_rows * b * h
+        flat = targets.detach().reshape(-1).to(hidden.dtype)
+        if flat.numel() > capacity:
+            raise ValueError(
+                f"micro-batch has {targets.shape[0]} visual tokens; the pipeline carries at most "
+                f"{capacity // self.cfg.model.vision.width} (raise data.max_images_per_sequence)")
+        extra = torch.nn.functional.pad(flat, (0, capacity - flat.numel()))
+        return torch.cat([hidden, extra.view(self.extra_rows, b, h)], dim=0)
+
+    def _unpack(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """payload ``[s' + e, b, h]`` -> (hidden ``[s', b, h]``, flat targets)."""
+        hidden, extra = payload[: payload.shape[0] - self.extra_rows], payload[-self.extra_rows:]
+        return hidden, extra.reshape(-1)
+
+    # -- forward -----------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images ``[n, 3, H, W]`` -> pooled visual features ``[n * n_query, width]``.
+
+        A frozen ViT runs without autograd (no activations kept).
+        """
+        frozen = not any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            feats = pool_patches(self.vision(images), self.cfg.model.adapter.n_query)
+        return feats.reshape(-1, feats.shape[-1])
+
+    def _embed(self, batch: multimodal.Emu2Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """First stage: ``[s(/tp), b, h]`` input embeddings and ``[N, width]`` visual features."""
+        tokens = batch.tokens
+        emb = self.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
+        width = self.cfg.model.vision.width
+        if batch.images is not None and batch.images.shape[0] > 0:
+            feats = self.encode_images(batch.images)
+            visual = self.adapter(feats)
+        else:
+            feats = emb.new_zeros(0, width)
+            visual = emb.new_zeros(0, emb.shape[-1])
+        emb = multimodal.scatter_image_embeddings(emb, tokens, visual, special_tokens.IMAGE_ID)
+        if self.config.sequence_parallel:
+            emb = scatter_to_sequence_parallel_region(emb, group=self.pg_collection.tp)
+        return emb, feats
+
+    def forward(self, batch: multimodal.Emu2Batch):
+        if self.pre_process:
+            hidden, feats = self._embed(batch)
+        else:
+            hidden, flat = self._unpack(self.input_tensor)
+            n_visual = int((batch.tokens == special_tokens.IMAGE_ID).sum()) if self.post_process else 0
+            feats = flat[: n_visual * self.cfg.model.vision.width].view(n_visual, -1)
+        sp = self.cfg.parallel.tensor_model_parallel_size if self.config.sequence_parallel else 1
+        rotary = self.rotary_pos_emb(hidden.shape[0] * sp)  # RoPE over the full sequence
+        hidden = self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary)
+        if not self.post_process:
+            return self._pack(hidden, feats)
+        return self.losses(hidden, batch, feats.detach())
+
+    def losses(self, hidden: torch.Tensor, batch: multimodal.Emu2Batch,
+               targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Last stage: final hidden ``[s(/tp), b, h]`` -> scalar losses of the micro-batch."""
+        loss_cfg = self.cfg.model.loss
+        mask = multimodal.ce_mask(batch.labels, batch.loss_mask, self._ce_ignore)
+        lm_loss = self.heads.lm_loss(hidden, batch.labels, mask)
+        reg_mask, feature_index = multimodal.regression_targets(batch.tokens, special_tokens.IMAGE_ID)
+        reg_loss = self.heads.regression_loss(hidden, reg_mask, targets[feature_index])
+        loss = loss_cfg.lm_weight * lm_loss + loss_cfg.reg_weight * reg_loss
+        return {"loss": loss, "lm_loss": lm_loss.detach(), "reg_loss": reg_loss.detach()}

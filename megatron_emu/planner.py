@@ -1,0 +1,155 @@
+"""``--dry-run`` planner: parameters per component and per pipeline stage, and estimated
+memory per GPU, from the config alone (no process group, no GPU, no data).
+
+Parameter counts are exact for our megatron-core model (tests check them against the built
+model at several layouts). Memory is an estimate:
+
+* weights ``P * dtype``; fp32 main gradients ``4 P`` (``grad_reduce_in_fp32``); Adam state
+  (fp32 master + two moments) ``12 P``, divided by DP under the distributed optimizer;
+  frozen parameters carry weights only.
+* activations per LM layer and micro-batch, with sequence parallelism (Korthikanti et al.,
+  2022): ``s b h (34 + 5 a s / h) / t`` bytes (bf16) without recompute, ``34 s b h / t`` with
+  selective recompute, ``2 s b h / t`` with full recompute; the ViT likewise over its
+  ``images x 1025`` tokens; 1F1B keeps ``pp - stage`` micro-batches in flight on a stage;
+  the last stage adds fp32 logits ``2 x 4 s b V / t``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from megatron_emu.config import derived
+from megatron_emu.config.schema import EmuConfig
+
+GIB = 2**30
+
+
+@dataclass
+class Component:
+    name: str
+    params: int  # total over the whole model
+    tp_sharded: int  # part of ``params`` split over TP ranks
+    stage: int  # pipeline rank holding it (-1: per-layer, see lm_layer)
+
+
+def _vision(cfg: EmuConfig) -> tuple[int, int]:
+    v = cfg.model.vision
+    W, M, p = v.width, v.mlp_dim, v.patch_size
+    stem = W * 3 * p * p + W + W + (derived.patch_grid(v) ** 2 + 1) * W
+    block_sharded = 3 * W * W + 3 * W + W * W + W * M + M + M * W
+    block_repl = 2 * W + 4 * W  # row-parallel biases (proj, fc2) and two post-norms
+    return stem + v.num_layers * (block_sharded + block_repl), v.num_layers * block_sharded
+
+
+def lm_layer_params(cfg: EmuConfig) -> tuple[int, int]:
+    lm = cfg.model.lm
+    H, F = lm.hidden_size, lm.ffn_hidden_size
+    d = H // lm.num_attention_heads
+    kv = (lm.num_query_groups or lm.num_attention_heads) * d
+    sharded = H * (H + 2 * kv) + H * H + H * 2 * F + F * H
+    return sharded + 2 * H, sharded
+
+
+def components(cfg: EmuConfig) -> list[Component]:
+    lm, v = cfg.model.lm, cfg.model.vision
+    H, Vp, W = lm.hidden_size, derived.padded_vocab_size(lm), v.width
+    last = cfg.parallel.pipeline_model_parallel_size - 1
+    vis, vis_sharded = _vision(cfg)
+    return [
+        Component("vision", vis, vis_sharded, 0),
+        Component("adapter", W * H, W * H, 0),
+        Component("embedding", Vp * H, Vp * H, 0),
+        Component("lm_final_norm", H, 0, last),
+        Component("lm_head", Vp * H, Vp * H, last),
+        Component("regression_head", H * W, H * W, last),
+    ]
+
+
+def _frozen(name: str, patterns: list[str]) -> bool:
+    prefix = {"vision": "vision.x", "adapter": "adapter.x", "embedding": "embedding.x",
+              "lm_head": "heads.output_layer.x", "regression_head": "heads.project_down.x",
+              "lm_final_norm": "decoder.final_layernorm.x", "lm_layers": "decoder.layers.0.x"}[name]
+    return any(fnmatch.fnmatchcase(prefix, p) for p in patterns)
+
+
+def plan(cfg: EmuConfig, data_parallel_size: int | None = None) -> dict:
+    """The dry-run report as a JSON-ready dict."""
+    par, tr = cfg.parallel, cfg.train
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    dp = data_parallel_size or par.data_parallel_size or 1
+    lm = cfg.model.lm
+    layer_total, layer_sharded = lm_layer_params(cfg)
+    stages = derived.lm_layers_per_stage(lm.num_layers, par)
+    comps = components(cfg)
+    per_stage = [0] * pp
+    per_rank = [0.0] * pp  # parameters on one GPU of the stage
+    frozen_rank = [0.0] * pp
+    for c in comps:
+        per_stage[c.stage] += c.params
+        local = c.tp_sharded / tp + (c.params - c.tp_sharded)
+        per_rank[c.stage] += local
+        if _frozen(c.name, tr.freeze):
+            frozen_rank[c.stage] += local
+    for s, layers in enumerate(stages):
+        per_stage[s] += len(layers) * layer_total
+        local = len(layers) * (layer_sharded / tp + layer_total - layer_sharded)
+        per_rank[s] += local
+        if _frozen("lm_layers", tr.freeze):
+            frozen_rank[s] += local
+    wbytes = 2 if cfg.model.params_dtype == "bfloat16" else 4
+    opt_div = dp if par.use_distributed_optimizer else 1
+    s_len, b, H, a = tr.seq_length, tr.micro_batch_size, lm.hidden_size, lm.num_attention_heads
+    act_coef = {None: 34 + 5 * a * s_len / H, "selective": 34, "full": 2}[tr.recompute_granularity]
+    sp_div = tp if par.sequence_parallel else 1
+    layer_act = s_len * b * H * act_coef / sp_div * (wbytes / 2)
+    v = cfg.model.vision
+    vit_tokens = b * cfg.data.max_images_per_sequence * derived.vision_seq_length(v)
+    vit_coef = {None: 34 + 5 * v.num_heads * derived.vision_seq_length(v) / v.width,
+                "selective": 34, "full": 2}[tr.recompute_granularity]
+    vit_act = 0.0 if _frozen("vision", tr.freeze) else vit_tokens * v.width * vit_coef / sp_div * v.num_layers
+    memory = []
+    for s in range(pp):
+        trainable = per_rank[s] - frozen_rank[s]
+        weights = per_rank[s] * wbytes
+        grads = trainable * 4
+        optim = trainable * 12 / opt_div
+        in_flight = pp - s
+        act = in_flight * (len(stages[s]) * layer_act + (vit_act if s == 0 else 0.0))
+        if s == pp - 1:
+            act += 2 * 4 * s_len * b * derived.padded_vocab_size(lm) / tp
+        memory.append({
+            "stage": s, "weights": weights / GIB, "grads": grads / GIB, "optimizer": optim / GIB,
+            "activations": act / GIB, "total": (weights + grads + optim + act) / GIB,
+        })
+    return {
+        "layout": {"tp": tp, "pp": pp, "dp": dp, "vpp": par.virtual_pipeline_model_parallel_size,
+                   "sequence_parallel": par.sequence_parallel, "gpus": tp * pp * dp},
+        "total_params": sum(per_stage),
+        "params_per_component": {c.name: c.params for c in comps} | {"lm_layers": lm.num_layers * layer_total},
+        "params_per_stage": per_stage,
+        "lm_layers_per_stage": [len(x) for x in stages],
+        "params_per_gpu": [int(x) for x in per_rank],
+        "memory_gib_per_gpu": max(m["total"] for m in memory),
+        "memory_per_stage": memory,
+    }
+
+
+def format_plan(p: dict) -> str:
+    """Human-readable tables of ``plan()``."""
+    lay = p["layout"]
+    lines = [f"layout: TP{lay['tp']} PP{lay['pp']} DP{lay['dp']}"
+             f"{' VPP' + str(lay['vpp']) if lay['vpp'] else ''}{' +SP' if lay['sequence_parallel'] else ''}"
+             f" = {lay['gpus']} GPUs",
+             f"total parameters: {p['total_params']:,} ({p['total_params'] / 1e9:.2f} B)", "",
+             f"{'component':<18}{'parameters':>18}"]
+    for name, n in p["params_per_component"].items():
+        lines.append(f"{name:<18}{n:>18,}")
+    lines += ["", f"{'stage':<7}{'LM layers':>10}{'parameters':>17}{'per GPU':>15}"
+              f"{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'total GiB':>11}"]
+    for s, m in enumerate(p["memory_per_stage"]):
+        lines.append(f"{s:<7}{p['lm_layers_per_stage'][s]:>10}{p['params_per_stage'][s]:>17,}"
+                     f"{p['params_per_gpu'][s]:>15,}{m['weights']:>9.1f}{m['grads']:>8.1f}"
+                     f"{m['optimizer']:>8.1f}{m['activations']:>8.1f}{m['total']:>11.1f}")
+    lines.append(f"\nestimated peak memory per GPU: {p['memory_gib_per_gpu']:.1f} GiB")
+    return "\n".join(lines)

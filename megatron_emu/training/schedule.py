@@ -1,0 +1,79 @@
+"""One optimizer step's forward/backward over micro-batches on megatron-core's schedules
+(no pipelining, 1F1B or interleaved, chosen by megatron-core from the layout), with
+megatron-core's DDP (and distributed-optimizer grad buffers)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from megatron_emu.config.schema import EmuConfig
+from megatron_emu.model.emu2 import Emu2Model, p2p_seq_length
+from megatron_emu.model.multimodal import Emu2Batch
+from megatron_emu.utils import device
+
+
+def wrap_ddp(cfg: EmuConfig, chunks: list[Emu2Model], pgs: ProcessGroupCollection) -> list[DistributedDataParallel]:
+    """megatron-core DDP around each chunk; wires the schedule hooks into the first chunk's config."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    wrapped = [
+        DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                disable_bucketing=i > 0, pg_collection=pgs)
+        for i, chunk in enumerate(chunks)
+    ]
+    config = chunks[0].config
+    no_sync = [m.no_sync for m in wrapped]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def _loss_func(output: dict[str, torch.Tensor]):
+    """megatron-core loss contract: ``(loss, reporting dict)``; the schedule averages over
+    micro-batches (and DDP over data-parallel ranks)."""
+    report = {k: v.detach().clone() for k, v in output.items()}
+    return output["loss"], report
+
+
+def forward_step(data_iterator, model):
+    """megatron-core forward-step contract: ``(output, loss_func)``."""
+    batch: Emu2Batch = next(data_iterator)
+    dev = device.device()
+    batch = Emu2Batch(
+        tokens=batch.tokens.to(dev), labels=batch.labels.to(dev), loss_mask=batch.loss_mask.to(dev),
+        images=None if batch.images is None else batch.images.to(dev),
+    )
+    return model(batch), _loss_func
+
+
+def forward_backward(cfg: EmuConfig, model: list[torch.nn.Module], microbatches: list[Emu2Batch],
+                     forward_only: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Run the schedule over this rank's micro-batches; returns the per-micro-batch loss
+    reports on the last pipeline stage (an empty list elsewhere)."""
+    iterators: list[Iterable] | Iterable = [iter(microbatches) for _ in model]
+    fwd_bwd = get_forward_backward_func()
+    return fwd_bwd(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(model) > 1 else iterators[0],
+        model=model,
+        num_microbatches=len(microbatches),
+        seq_length=p2p_seq_length(cfg),
+        micro_batch_size=cfg.train.micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def zero_grads(model: list[DistributedDataParallel]) -> None:
+    for chunk in model:
+        chunk.zero_grad_buffer()
+

@@ -1,0 +1,42 @@
+"""The one module that decides about devices: CUDA + NCCL when a GPU is present, else CPU + gloo.
+
+Nothing else in megatron_emu touches ``torch.cuda`` (a test greps for it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def backend() -> str:
+    return "nccl" if has_cuda() else "gloo"
+
+
+def device() -> torch.device:
+    if has_cuda():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def set_local_device() -> None:
+    """Bind this process to its GPU (``LOCAL_RANK``); nothing on CPU."""
+    if has_cuda():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def synchronize() -> None:
+    if has_cuda():
+        torch.cuda.synchronize()
+
+
+def max_memory_gib() -> float | None:
+    """Peak allocated device memory in GiB (None on CPU)."""
+    if has_cuda():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return None

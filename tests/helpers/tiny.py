@@ -1,0 +1,78 @@
+"""The tiny Emu2 preset, synthetic interleaved micro-batches, and the reference-model bridge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_emu.config.io import load_config
+from megatron_emu.config.schema import EmuConfig
+from megatron_emu.data import special_tokens as st
+from megatron_emu.model.multimodal import Emu2Batch
+from tests.helpers.reference import RefConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "examples" / "configs" / "emu2_tiny.yaml"
+
+
+def tiny_config(tp=1, pp=1, vpp=None, sp=False, distopt=True, extra=()) -> EmuConfig:
+    sets = [
+        f"parallel.tensor_model_parallel_size={tp}",
+        f"parallel.pipeline_model_parallel_size={pp}",
+        f"parallel.virtual_pipeline_model_parallel_size={'null' if vpp is None else vpp}",
+        f"parallel.sequence_parallel={str(sp).lower()}",
+        f"parallel.use_distributed_optimizer={str(distopt).lower()}",
+        f"parallel.batch_p2p_comm={'false' if vpp else 'true'}",
+        *extra,
+    ]
+    return load_config(TINY, sets)
+
+
+def ref_config(cfg: EmuConfig) -> RefConfig:
+    v, lm = cfg.model.vision, cfg.model.lm
+    return RefConfig(
+        image_size=v.image_size, patch_size=v.patch_size, vision_width=v.width,
+        vision_layers=v.num_layers, vision_heads=v.num_heads, vision_mlp_dim=v.mlp_dim,
+        vision_eps=v.layer_norm_eps, n_query=cfg.model.adapter.n_query,
+        hidden_size=lm.hidden_size, num_layers=lm.num_layers, num_heads=lm.num_attention_heads,
+        ffn_hidden_size=lm.ffn_hidden_size, vocab_size=lm.vocab_size, rms_eps=lm.norm_eps,
+        rope_theta=lm.rope_theta,
+    )
+
+
+def _sequence(g: torch.Generator, cfg: EmuConfig, n_images: int) -> list[int]:
+    """``<s>`` text ([IMG] <image>*n [/IMG] text)* ``</s>`` [PAD]... of exactly seq_length ids."""
+    s, nq = cfg.train.seq_length, cfg.model.adapter.n_query
+    seq = [st.BOS_ID]
+    for _ in range(n_images):
+        seq += torch.randint(3, 1000, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+        seq += [st.IMG_ID] + [st.IMAGE_ID] * nq + [st.IMG_END_ID]
+    seq += torch.randint(3, 32000, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
+    seq += [st.EOS_ID]
+    assert len(seq) <= s, "sequence too long for the tiny preset"
+    return seq + [st.PAD_ID] * (s - len(seq))
+
+
+def make_microbatches(cfg: EmuConfig, seed: int = 0) -> list[Emu2Batch]:
+    """A global batch of interleaved samples split into micro-batches (every layout sees the
+    same micro-batches; data-parallel rank r takes micro-batches r, r + dp, ...)."""
+    g = torch.Generator().manual_seed(seed)
+    v = cfg.model.vision
+    out = []
+    n_micro = cfg.train.global_batch_size // cfg.train.micro_batch_size
+    for m in range(n_micro):
+        rows = [_sequence(g, cfg, n_images=(m + i) % 4) for i in range(cfg.train.micro_batch_size)]
+        tokens = torch.tensor(rows, dtype=torch.long)
+        labels = torch.roll(tokens, -1, dims=1)
+        labels[:, -1] = st.PAD_ID
+        loss_mask = torch.ones_like(tokens, dtype=torch.float)
+        loss_mask[:, -1] = 0
+        n_img = int((tokens == st.IMG_ID).sum())
+        images = torch.randn(n_img, 3, v.image_size, v.image_size, generator=g)
+        out.append(Emu2Batch(tokens=tokens, labels=labels, loss_mask=loss_mask, images=images))
+    return out
+
+
+def ce_ignore_ids(cfg: EmuConfig) -> list[int]:
+    return [st.token_id(t) for t in cfg.model.loss.ce_ignore_tokens]
