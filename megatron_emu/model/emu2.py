@@ -70,6 +70,8 @@ class Emu2Model(MegatronModule):
         self.pg_collection = pg_collection
         self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
         self.model_type = None  # set by the builder (megatron ModelType.encoder_or_decoder)
+        # Untied embeddings (LLaMA): megatron-core's finalize_model_grads asks.
+        self.share_embeddings_and_output_weights = False
         self.extra_rows = extra_rows(cfg)
         impl = cfg.model.transformer_impl
         lm = cfg.model.lm
@@ -109,22 +111,19 @@ class Emu2Model(MegatronModule):
             input_tensor = input_tensor[0]
         self.input_tensor = input_tensor
 
-    def _pack(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """hidden ``[s', b, h]`` + targets ``[N, width]`` -> payload ``[s' + e, b, h]``."""
-        s, b, h = hidden.shape
+    def _pack_targets(self, targets: torch.Tensor, b: int, h: int, dtype) -> torch.Tensor:
+        """targets ``[N, width]`` -> zero-padded payload tail ``[e, b, h]``."""
         capacity = self.extra_rows * b * h
-        flat = targets.detach().reshape(-1).to(hidden.dtype)
+        flat = targets.detach().reshape(-1).to(dtype)
         if flat.numel() > capacity:
             raise ValueError(
                 f"micro-batch has {targets.shape[0]} visual tokens; the pipeline carries at most "
                 f"{capacity // self.cfg.model.vision.width} (raise data.max_images_per_sequence)")
-        extra = torch.nn.functional.pad(flat, (0, capacity - flat.numel()))
-        return torch.cat([hidden, extra.view(self.extra_rows, b, h)], dim=0)
+        return torch.nn.functional.pad(flat, (0, capacity - flat.numel())).view(self.extra_rows, b, h)
 
-    def _unpack(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """payload ``[s' + e, b, h]`` -> (hidden ``[s', b, h]``, flat targets)."""
-        hidden, extra = payload[: payload.shape[0] - self.extra_rows], payload[-self.extra_rows:]
-        return hidden, extra.reshape(-1)
+    def _split_payload(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """payload ``[s' + e, b, h]`` -> (hidden ``[s', b, h]``, tail ``[e, b, h]``)."""
+        return payload[: payload.shape[0] - self.extra_rows], payload[payload.shape[0] - self.extra_rows:]
 
     # -- forward -----------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -154,17 +153,22 @@ class Emu2Model(MegatronModule):
         return emb, feats
 
     def forward(self, batch: multimodal.Emu2Batch):
+        tail = None
         if self.pre_process:
             hidden, feats = self._embed(batch)
         else:
-            hidden, flat = self._unpack(self.input_tensor)
-            n_visual = int((batch.tokens == special_tokens.IMAGE_ID).sum()) if self.post_process else 0
-            feats = flat[: n_visual * self.cfg.model.vision.width].view(n_visual, -1)
+            hidden, tail = self._split_payload(self.input_tensor)
         sp = self.cfg.parallel.tensor_model_parallel_size if self.config.sequence_parallel else 1
         rotary = self.rotary_pos_emb(hidden.shape[0] * sp)  # RoPE over the full sequence
         hidden = self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary)
         if not self.post_process:
-            return self._pack(hidden, feats)
+            if tail is None:
+                tail = self._pack_targets(feats, hidden.shape[1], hidden.shape[2], hidden.dtype)
+            return torch.cat([hidden, tail], dim=0)  # intermediate stages pass the tail through
+        if tail is not None:
+            n_visual = int((batch.tokens == special_tokens.IMAGE_ID).sum())
+            width = self.cfg.model.vision.width
+            feats = tail.reshape(-1)[: n_visual * width].reshape(n_visual, width)
         return self.losses(hidden, batch, feats.detach())
 
     def losses(self, hidden: torch.Tensor, batch: multimodal.Emu2Batch,

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_emu.config.schema import EmuConfig
+from megatron_emu.utils import device
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -39,7 +40,9 @@ def _common(cfg: EmuConfig) -> dict:
         persist_layer_norm=False,
         batch_p2p_comm=par.batch_p2p_comm,
         overlap_p2p_comm=not par.batch_p2p_comm,
-        deallocate_pipeline_outputs=True,
+        # Frees sent activations early. Only safe where sends are stream-ordered (NCCL): gloo's
+        # async isend still reads the tensor after the schedule swaps its storage out.
+        deallocate_pipeline_outputs=device.has_cuda(),
         recompute_granularity=recompute,
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,

@@ -30,6 +30,28 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 
+class _ShardedNormMixin:
+    """Replicated (over TP and DP) sharded state dict, for parents such as megatron-core's
+    ``MLP`` that call ``sharded_state_dict`` on every child."""
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core import parallel_state
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        plain = torch.nn.Module.__new__(torch.nn.Module)
+        plain.__dict__ = self.__dict__  # same parameters, no sharded_state_dict attribute
+        return sharded_state_dict_default(plain, prefix, sharded_offsets, metadata,
+                                          tp_group=parallel_state.get_tensor_model_parallel_group())
+
+
+class _LayerNorm(_ShardedNormMixin, torch.nn.LayerNorm):
+    pass
+
+
+class _RMSNorm(_ShardedNormMixin, torch.nn.RMSNorm):
+    pass
+
+
 class SPTorchNorm:
     """torch LayerNorm/RMSNorm whose parameters are tagged for sequence parallelism.
 
@@ -39,9 +61,9 @@ class SPTorchNorm:
 
     def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
         if config.normalization == "RMSNorm":
-            norm: torch.nn.Module = torch.nn.RMSNorm(hidden_size, eps=eps)
+            norm: torch.nn.Module = _RMSNorm(hidden_size, eps=eps)
         else:
-            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+            norm = _LayerNorm(hidden_size, eps=eps)
         norm.to(dtype=config.params_dtype)
         for p in norm.parameters():
             setattr(p, "sequence_parallel", config.sequence_parallel)

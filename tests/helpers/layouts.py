@@ -1,0 +1,106 @@
+"""Rank functions for the layout-equivalence tests (run in forked CPU/gloo ranks).
+
+Weights travel through megatron-core ``dist_checkpointing`` (one TP1/PP1 checkpoint made from
+the reference weights, resharded on load into every layout). Gradients come back the same
+way: each layout writes its gradients *as a checkpoint* (parameter data := its reduced
+gradient), which a single rank loads unsharded and compares with the reference gradients.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def _setup(cfg):
+    from megatron_emu.model.builder import build_model_chunks
+    from megatron_emu.parallel.groups import init_distributed, init_model_parallel
+
+    init_distributed()
+    pgs = init_model_parallel(cfg)
+    return pgs, build_model_chunks(cfg, pgs)
+
+
+def _sharded(chunks):
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _save(chunks, path: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    if torch.distributed.get_rank() == 0:
+        os.makedirs(path, exist_ok=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(_sharded(chunks), path)
+
+
+def _load(chunks, path: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(_sharded(chunks), path)
+    for i, c in enumerate(chunks):
+        c.load_state_dict(state[f"model{i}"], strict=True)
+
+
+def save_reference_weights(rank: int, cfg, canonical: dict, path: str) -> None:
+    """World size 1: load the canonical (TP1/PP1) weights and write them as a sharded checkpoint."""
+    _, chunks = _setup(cfg)
+    chunks[0].load_state_dict(canonical, strict=True)
+    _save(chunks, path)
+
+
+def load_unsharded(rank: int, cfg, path: str) -> dict:
+    """World size 1: read a checkpoint of any layout back as the canonical full state dict."""
+    _, chunks = _setup(cfg)
+    _load(chunks, path)
+    return {k: v.detach().clone() for k, v in chunks[0].state_dict().items()
+            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+
+
+def _gather_distopt_grads(ddp_chunks) -> None:
+    """After a distributed-optimizer reduce-scatter each DP rank holds one shard of every grad
+    bucket; all-gather them so every ``main_grad`` is whole again (test-side only)."""
+    from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+
+    for chunk in ddp_chunks:
+        for group in chunk.bucket_groups:
+            pg = group.intra_distributed_optimizer_instance_group
+            size, rank = torch.distributed.get_world_size(pg), torch.distributed.get_rank(pg)
+            for bucket in group.buckets:
+                local = shard_buffer(bucket.grad_data, size)[rank].clone()
+                torch.distributed.all_gather_into_tensor(bucket.grad_data, local, group=pg)
+
+
+def run_layout(rank: int, cfg, weights: str, microbatches: list, grads_out: str) -> dict:
+    """One forward/backward step of the global batch on this layout.
+
+    Returns this rank's per-micro-batch losses (last pipeline stage only) and which
+    parameters had no gradient (frozen); writes the reduced gradients to ``grads_out``.
+    """
+    from megatron.core import parallel_state
+
+    from megatron_emu.training.schedule import forward_backward, wrap_ddp
+
+    pgs, chunks = _setup(cfg)
+    _load(chunks, weights)
+    model = wrap_ddp(cfg, chunks, pgs)
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    losses = forward_backward(cfg, model, microbatches[dp_rank::dp])
+    if cfg.parallel.use_distributed_optimizer and dp > 1:
+        _gather_distopt_grads(model)
+    frozen = []
+    with torch.no_grad():
+        for chunk in chunks:
+            for name, p in chunk.named_parameters():
+                if p.requires_grad:
+                    p.copy_(p.main_grad)
+                else:
+                    frozen.append(name)
+                    p.fill_(float("nan"))  # a frozen parameter must not be compared as a grad
+    _save(chunks, grads_out)
+    return {
+        "losses": [{k: float(v) for k, v in mb.items()} for mb in losses],
+        "dp_rank": dp_rank,
+        "frozen": frozen,
+    }
