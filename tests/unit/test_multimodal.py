@@ -1,0 +1,74 @@
+"""Sequence layout, masks, placeholder scatter and pooling (pure functions, no process group)."""
+
+import pytest
+import torch
+
+from megatron_emu.data import special_tokens as st
+from megatron_emu.model import multimodal
+from megatron_emu.model.adapter import pool_patches
+
+IMG, IMAGE, END, PAD = st.IMG_ID, st.IMAGE_ID, st.IMG_END_ID, st.PAD_ID
+
+
+def test_special_token_ids_match_emu2():
+    assert st.EMU2_VOCAB_SIZE == 32272
+    expected = {"[PAD]": 32000, "[IMG]": 32001, "[/IMG]": 32002, "<image>": 32003, "[gIMG]": 32004,
+                "[/gIMG]": 32005, "[EOC]": 32006, "[VIDEO]": 32007, "<grounding>": 32008,
+                "<phrase>": 32009, "</phrase>": 32010, "<object>": 32011, "</object>": 32012,
+                "</delimiter_of_multi_objects/>": 32013, "<REC>": 32014,
+                "<patch_index_0000>": 32015, "<patch_index_0256>": 32271}
+    assert {k: st.TOKEN_IDS[k] for k in expected} == expected
+    with pytest.raises(KeyError, match="unknown special token"):
+        st.token_id("[NOPE]")
+
+
+def test_regression_positions_are_img_and_first_n_minus_1_images():
+    # <s> [IMG] <image>x4 [/IMG] 5 6 </s> ; n_query = 4
+    tokens = torch.tensor([[1, IMG, IMAGE, IMAGE, IMAGE, IMAGE, END, 5, 6, 2]])
+    mask, index = multimodal.regression_targets(tokens, IMAGE)
+    assert mask.nonzero()[:, 1].tolist() == [1, 2, 3, 4]
+    assert index.tolist() == [0, 1, 2, 3]  # position t predicts the embedding at t + 1
+
+
+def test_feature_order_is_row_major_across_the_batch():
+    tokens = torch.tensor([[1, IMG, IMAGE, IMAGE, END, 7],
+                           [IMG, IMAGE, IMAGE, END, IMG, IMAGE]])
+    index = multimodal.image_feature_index(tokens, IMAGE)
+    assert index.tolist() == [[-1, -1, 0, 1, -1, -1], [-1, 2, 3, -1, -1, 4]]
+    mask, targets = multimodal.regression_targets(tokens, IMAGE)
+    assert mask.tolist() == [[False, True, True, False, False, False],
+                             [True, True, False, False, True, False]]
+    assert targets.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_ce_mask_drops_padding_and_ignored_labels():
+    labels = torch.tensor([[IMG, IMAGE, END, 5, PAD, 2]])
+    loss_mask = torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.float)
+    ignore = torch.tensor([PAD, IMG, END, IMAGE])
+    assert multimodal.ce_mask(labels, loss_mask, ignore).tolist() == [[0, 0, 0, 1, 0, 0]]
+
+
+def test_scatter_places_visual_embeddings_in_row_major_order():
+    tokens = torch.tensor([[5, IMAGE, IMAGE], [IMAGE, 6, 7]])
+    emb = torch.zeros(3, 2, 4)  # [s, b, h]
+    visual = torch.arange(12, dtype=torch.float).view(3, 4) + 1
+    out = multimodal.scatter_image_embeddings(emb, tokens, visual, IMAGE)
+    assert torch.equal(out[1, 0], visual[0]) and torch.equal(out[2, 0], visual[1])
+    assert torch.equal(out[0, 1], visual[2])
+    assert out[0, 0].abs().sum() == 0 and out[1, 1].abs().sum() == 0
+    with pytest.raises(ValueError, match="3 <image> tokens but 2 visual embeddings"):
+        multimodal.scatter_image_embeddings(emb, tokens, visual[:2], IMAGE)
+
+
+def test_pooling_averages_blocks_in_raster_order():
+    grid = torch.arange(16, dtype=torch.float).view(1, 16, 1)  # 4x4 patches, width 1
+    pooled = pool_patches(grid, n_query=4)
+    assert pooled.flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+    # Emu2 numbers: 32x32 patches -> 8x8 = 64 tokens (kernel 4).
+    feats = torch.randn(2, 1024, 8)
+    out = pool_patches(feats, 64)
+    assert out.shape == (2, 64, 8)
+    block = feats[0].view(32, 32, 8)[:4, 4:8].mean(dim=(0, 1))
+    assert torch.allclose(out[0, 1], block, atol=1e-6)
+    with pytest.raises(ValueError):
+        pool_patches(torch.randn(1, 16, 1), n_query=9)
