@@ -7,6 +7,7 @@ Every problem is collected (not just the first) and reported with its dotted pat
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -26,6 +27,7 @@ class ConfigError(ValueError):
 
 
 _MISSING = object()
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(tp: Any) -> str:
@@ -70,6 +72,9 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads "1e-4" (exponent, no dot) as a string.
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -159,7 +164,12 @@ def apply_overrides(data: dict, overrides: list[str], errors: list[str] | None =
             if not dataclasses.is_dataclass(hint):
                 errors.append(f"--set {key}: {'.'.join(parts[:i + 1])!r} is not a section")
                 break
-            node = node.setdefault(part, {})
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                errors.append(f"--set {key}: {'.'.join(parts[:i + 1])!r} is not a mapping in the file")
+                break
+            node = node[part]
             cls = hint
     if errors and not collect:
         raise ConfigError(errors)

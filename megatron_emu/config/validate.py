@@ -87,8 +87,6 @@ def _lm(errors: list[str], cfg: EmuConfig) -> None:
 
 def _tensor_parallel(errors: list[str], cfg: EmuConfig) -> None:
     tp, lm, v = cfg.parallel.tensor_model_parallel_size, cfg.model.lm, cfg.model.vision
-    if tp <= 0:
-        return
     divisible = {
         "model.lm.num_attention_heads": lm.num_attention_heads,
         "model.vision.num_heads": v.num_heads,
@@ -114,8 +112,6 @@ def _tensor_parallel(errors: list[str], cfg: EmuConfig) -> None:
 def _pipeline(errors: list[str], cfg: EmuConfig) -> None:
     par, layers = cfg.parallel, cfg.model.lm.num_layers
     pp, vpp, first = par.pipeline_model_parallel_size, par.virtual_pipeline_model_parallel_size, par.num_layers_in_first_pipeline_stage
-    if pp <= 0 or layers <= 0:
-        return
     if vpp is not None:
         if vpp < 2:
             errors.append(f"parallel.virtual_pipeline_model_parallel_size ({vpp}) must be >= 2 or null")
@@ -145,13 +141,11 @@ def _pipeline(errors: list[str], cfg: EmuConfig) -> None:
 def _batch(errors: list[str], cfg: EmuConfig, world_size: Optional[int]) -> None:
     par, tr = cfg.parallel, cfg.train
     mp = par.tensor_model_parallel_size * par.pipeline_model_parallel_size
-    if mp <= 0:
-        return
     dp = par.data_parallel_size
     if world_size is not None:
         if world_size % mp:
-            errors.append(f"world size {world_size} is not divisible by tensor x pipeline "
-                          f"parallel size ({mp})")
+            errors.append(f"world size {world_size} is not divisible by "
+                          f"parallel.tensor_model_parallel_size x parallel.pipeline_model_parallel_size ({mp})")
         elif dp is not None and dp * mp != world_size:
             errors.append(f"parallel.data_parallel_size ({dp}) x tensor ({par.tensor_model_parallel_size}) x "
                           f"pipeline ({par.pipeline_model_parallel_size}) != world size {world_size}")
@@ -191,6 +185,8 @@ def config_errors(cfg: EmuConfig, world_size: Optional[int] = None) -> list[str]
     """All problems of ``cfg`` (empty when valid). ``world_size`` is checked when given."""
     errors: list[str] = []
     _positive(errors, cfg)
+    if errors:  # the cross-field rules below divide by these sizes
+        return errors
     _vision(errors, cfg)
     _lm(errors, cfg)
     _tensor_parallel(errors, cfg)

@@ -34,7 +34,7 @@ def setup(tmp_path_factory):
     for mb in microbatches:
         out = reference.emu2_loss(params, rc, mb.tokens, mb.images, image_token_id=32003,
                                   ce_ignore_ids=tiny.ce_ignore_ids(cfg), lm_weight=1.0, reg_weight=1.0)
-        ref_losses.append({k: float(v) for k, v in out.items()})
+        ref_losses.append({k: float(v.detach()) for k, v in out.items()})
         total = total + out["loss"] / len(microbatches)
     total.backward()
     ref_grads = {k: p.grad for k, p in params.items()}
@@ -54,6 +54,8 @@ LAYOUTS = {
     "tp1pp2dp1_vpp2": (1, 2, 1, False, 2, ()),
     "tp2pp2dp1_sp_vpp2": (2, 2, 1, True, 2, ()),
     "tp2pp2dp1_sp_frozen_vit": (2, 2, 1, True, None, ("train.freeze=['vision.*']",)),
+    "tp2pp2dp1_sp_full_recompute": (2, 2, 1, True, None, ("train.recompute_granularity=full",)),
+    "tp2pp1dp1_sp_selective_recompute": (2, 1, 1, True, None, ("train.recompute_granularity=selective",)),
 }
 
 
