@@ -24,9 +24,10 @@ def _common(cfg: EmuConfig) -> dict:
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        # Full master weights are built on the CPU RNG and sliced, so every TP layout starts from
-        # the same function (megatron_core_cpu.md §5).
-        use_cpu_initialization=True,
+        # On CPU, full master weights are built on the CPU RNG and sliced, so every TP layout
+        # starts from the same function; on GPU each rank initialises its shard on the device
+        # (fast at 37B; real runs start from converted checkpoints anyway).
+        use_cpu_initialization=not device.has_cuda(),
         init_method_std=cfg.model.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
