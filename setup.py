@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "transformers"],
-        "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-dali-cuda120"],
+        "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-dali-cuda130"],
     },
     entry_points={
         "console_scripts": [
