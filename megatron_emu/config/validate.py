@@ -3,7 +3,9 @@ group starts. Each message names the dotted field(s) it is about."""
 
 from __future__ import annotations
 
+import fnmatch
 import math
+import re
 from typing import Optional
 
 from megatron_emu.config import derived
@@ -181,6 +183,26 @@ def _train(errors: list[str], cfg: EmuConfig) -> None:
         errors.append("parallel.overlap_param_gather needs parallel.use_distributed_optimizer")
 
 
+# One representative parameter name per module family (the names are the same on every layout).
+FREEZABLE_NAMES = (
+    "vision.patch_embed.weight", "vision.cls_token", "vision.pos_embed",
+    "vision.blocks.layers.0.self_attention.linear_qkv.weight",
+    "adapter.project_up.weight", "embedding.word_embeddings.weight",
+    "decoder.layers.0.self_attention.linear_qkv.weight", "decoder.final_layernorm.weight",
+    "heads.output_layer.weight", "heads.project_down.weight",
+)
+
+
+def _freeze(errors: list[str], cfg: EmuConfig) -> None:
+    for i, pattern in enumerate(cfg.train.freeze):
+        if re.search(r"(^|\.)layers\.\d", pattern):
+            errors.append(f"train.freeze[{i}] ({pattern!r}): layer indices are local to a pipeline "
+                          f"stage; freeze whole modules (e.g. 'vision.*', 'embedding.*')")
+        elif not any(fnmatch.fnmatchcase(n, pattern) for n in FREEZABLE_NAMES):
+            errors.append(f"train.freeze[{i}] ({pattern!r}) matches no parameter; module prefixes "
+                          f"are vision, adapter, embedding, decoder, heads")
+
+
 def config_errors(cfg: EmuConfig, world_size: Optional[int] = None) -> list[str]:
     """All problems of ``cfg`` (empty when valid). ``world_size`` is checked when given."""
     errors: list[str] = []
@@ -193,6 +215,7 @@ def config_errors(cfg: EmuConfig, world_size: Optional[int] = None) -> list[str]
     _pipeline(errors, cfg)
     _batch(errors, cfg, world_size)
     _train(errors, cfg)
+    _freeze(errors, cfg)
     return errors
 
 

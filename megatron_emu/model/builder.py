@@ -39,9 +39,9 @@ def build_model_chunks(cfg: EmuConfig, pgs: ProcessGroupCollection) -> list[Emu2
 def apply_freeze(chunks: list[torch.nn.Module], patterns: list[str]) -> list[str]:
     """Freeze parameters whose name matches a glob (``vision.*``); returns the frozen names.
 
-    Names are the same on every layout (``vision.*``, ``adapter.*``, ``embedding.*``,
-    ``decoder.layers.*``, ``heads.*``); a pattern that matches nothing on any rank is caught by
-    ``check_freeze_patterns``.
+    Module names are the same on every layout (``vision.*``, ``adapter.*``, ``embedding.*``,
+    ``decoder.*``, ``heads.*``); the config validator rejects patterns that match nothing and
+    stage-local layer indices.
     """
     frozen = []
     for chunk in chunks:

@@ -390,3 +390,14 @@ def test_cli_rejects_config_error_before_importing_megatron():
                 if line.startswith("import time:")}
     heavy = {m for m in imported if m.split(".")[0] in ("megatron", "torch", "transformer_engine")}
     assert not heavy, sorted(heavy)
+
+
+@pytest.mark.parametrize("pattern, fragment", [
+    ("vison.*", "matches no parameter"),
+    ("decoder.layers.3.*", "local to a pipeline stage"),
+])
+def test_freeze_patterns_are_checked(pattern, fragment):
+    errors = config_errors(load_config(TINY, [f"train.freeze=['{pattern}']"]), world_size=TINY_WORLD)
+    assert len(errors) == 1 and "train.freeze[0]" in errors[0] and fragment in errors[0], errors
+    assert config_errors(load_config(TINY, ["train.freeze=['vision.*', 'heads.project_down.*']"]),
+                         world_size=TINY_WORLD) == []
