@@ -36,12 +36,17 @@ class _ShardedNormMixin:
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         from megatron.core import parallel_state
-        from megatron.core.transformer.utils import sharded_state_dict_default
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            make_sharded_tensors_for_checkpoint,
+        )
 
-        plain = torch.nn.Module.__new__(torch.nn.Module)
-        plain.__dict__ = self.__dict__  # same parameters, no sharded_state_dict attribute
-        return sharded_state_dict_default(plain, prefix, sharded_offsets, metadata,
-                                          tp_group=parallel_state.get_tensor_model_parallel_group())
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True), prefix, {}, sharded_offsets,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            dp_cp_group=metadata["dp_cp_group"],
+        )
 
 
 class _LayerNorm(_ShardedNormMixin, torch.nn.LayerNorm):

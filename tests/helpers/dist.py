@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import pickle
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -50,8 +51,6 @@ def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 300) -> lis
         p.start()
     results: dict[int, Any] = {}
     errors = []
-    import time
-
     deadline = time.monotonic() + timeout
     while len(results) + len(errors) < world:
         if time.monotonic() > deadline:
