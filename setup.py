@@ -7,6 +7,8 @@ to a pure-torch path at run time.
 
 from setuptools import find_packages, setup
 
+SAMPLES = ["scikit-image", "scikit-learn", "matplotlib"]
+
 setup(
     name="megatron_emu",
     version="0.1.0",
@@ -21,13 +23,22 @@ setup(
         "megatron-core>=0.16.1; python_version >= '3.12'",
         "numpy<2.5",
         "packaging",
+        "pillow",
+        "protobuf",  # sentencepiece model editing (tiny tokenizers)
         "psutil",  # used by megatron-core's checkpoint writer, not declared by it
+        "pyarrow",  # OBELICS / LAION parquet inputs
         "pyyaml",
         "safetensors",
         "sentencepiece",
+        "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "transformers"],
+        # Real photos shipped in these wheels: the quickstart's and the tests' sample data.
+        "samples": SAMPLES,
+        # DALI's CPU decoder runs everywhere; its nvJPEG path needs a GPU.
+        "dali": ["nvidia-dali-cuda130"],
+        "test": ["pytest>=8", "pytest-timeout", "transformers", "webdataset", "nvidia-dali-cuda130",
+                 *SAMPLES],
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-dali-cuda130"],
     },
     entry_points={

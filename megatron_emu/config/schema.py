@@ -124,11 +124,23 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    # One shard directory, or a blend written as "weight:dir" entries.
-    path: list[str] = field(default_factory=list)
+    # One dataset directory (from `megatron-emu-data preprocess`), or a blend of "WEIGHT:DIR"
+    # entries (e.g. ["3:/data/laion", "1:/data/mmc4"]); a plain string means one directory.
+    path: list[str] | str = field(default_factory=list)
     tokenizer: Optional[str] = None
     max_images_per_sequence: int = 8
     num_workers: int = 2
+    # auto: DALI/nvJPEG on a GPU when installed, else PIL; or pil | dali_cpu | dali.
+    decoder: Literal["auto", "pil", "dali_cpu", "dali"] = "auto"
+    # A pair's image goes before its caption with this probability (paper stage 2: 0.5;
+    # captioning-only stage 1: 1.0).
+    pair_image_first_prob: float = 0.5
+    # Documents looked ahead to fill a sequence when packing.
+    packing_lookahead: int = 16
+
+    def __post_init__(self):
+        if isinstance(self.path, str):  # `--set data.path=/dir`: one dataset
+            self.path = [self.path]
 
 
 @dataclass(kw_only=True)

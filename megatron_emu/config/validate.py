@@ -183,6 +183,37 @@ def _train(errors: list[str], cfg: EmuConfig) -> None:
         errors.append("parallel.overlap_param_gather needs parallel.use_distributed_optimizer")
 
 
+def _data(errors: list[str], cfg: EmuConfig) -> None:
+    d = cfg.data
+    if not 0.0 <= d.pair_image_first_prob <= 1.0:
+        errors.append(f"data.pair_image_first_prob ({d.pair_image_first_prob}) must be in [0, 1]")
+    if d.packing_lookahead < 1:
+        errors.append(f"data.packing_lookahead ({d.packing_lookahead}) must be >= 1")
+    if d.num_workers < 0:
+        errors.append(f"data.num_workers ({d.num_workers}) must be >= 0")
+    if d.max_images_per_sequence < 0:
+        errors.append(f"data.max_images_per_sequence ({d.max_images_per_sequence}) must be >= 0")
+    for i, entry in enumerate(d.path):
+        head, sep, tail = entry.partition(":")
+        if sep and head.replace(".", "", 1).isdigit() and (float(head) <= 0 or not tail):
+            errors.append(f"data.path[{i}] ({entry!r}): a blend entry is WEIGHT:DIR with WEIGHT > 0")
+
+
+def data_path_errors(cfg: EmuConfig) -> list[str]:
+    """Problems with the data on disk (checked by the training job before any process group)."""
+    from pathlib import Path
+
+    errors = []
+    if not cfg.data.path:
+        errors.append("data.path: no dataset given (a directory from `megatron-emu-data preprocess`)")
+    for i, entry in enumerate(cfg.data.path):
+        head, sep, tail = entry.partition(":")
+        directory = tail if sep and head.replace(".", "", 1).isdigit() else entry
+        if not (Path(directory) / "dataset.json").is_file():
+            errors.append(f"data.path[{i}]: {directory!r} is not a preprocessed dataset (no dataset.json)")
+    return errors
+
+
 # One representative parameter name per module family (the names are the same on every layout).
 FREEZABLE_NAMES = (
     "vision.patch_embed.weight", "vision.cls_token", "vision.pos_embed",
@@ -216,6 +247,7 @@ def config_errors(cfg: EmuConfig, world_size: Optional[int] = None) -> list[str]
     _batch(errors, cfg, world_size)
     _train(errors, cfg)
     _freeze(errors, cfg)
+    _data(errors, cfg)
     return errors
 
 

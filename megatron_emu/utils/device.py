@@ -24,6 +24,11 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def local_index() -> int:
+    """Index of this process's GPU (0 on CPU)."""
+    return torch.cuda.current_device() if has_cuda() else 0
+
+
 def set_local_device() -> None:
     """Bind this process to its GPU (``LOCAL_RANK``); nothing on CPU."""
     if has_cuda():

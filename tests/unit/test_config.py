@@ -295,6 +295,9 @@ RULES = [
                               "parallel.use_distributed_optimizer=false"], 4,
      ["parallel.overlap_param_gather", "parallel.use_distributed_optimizer"]),
     ("positive", ["train.micro_batch_size=0"], 4, ["train.micro_batch_size", "positive"]),
+    ("pair-prob", ["data.pair_image_first_prob=1.5"], 4, ["data.pair_image_first_prob"]),
+    ("lookahead", ["data.packing_lookahead=0"], 4, ["data.packing_lookahead"]),
+    ("blend-weight", ["data.path=['0:/a', '1:/b']"], 4, ["data.path[0]", "WEIGHT"]),
     ("positive-negative-tp", ["parallel.tensor_model_parallel_size=-2"], None,
      ["parallel.tensor_model_parallel_size", "positive"]),
 ]
@@ -401,3 +404,11 @@ def test_freeze_patterns_are_checked(pattern, fragment):
     assert len(errors) == 1 and "train.freeze[0]" in errors[0] and fragment in errors[0], errors
     assert config_errors(load_config(TINY, ["train.freeze=['vision.*', 'heads.project_down.*']"]),
                          world_size=TINY_WORLD) == []
+
+
+def test_data_path_accepts_one_directory_or_a_blend():
+    assert load_config(TINY, ["data.path=/d/laion"]).data.path == ["/d/laion"]
+    assert load_config(TINY, ["data.path=['3:/d/a', '1:/d/b']"]).data.path == ["3:/d/a", "1:/d/b"]
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, ["data.decoder=turbo"])
+    assert any("data.decoder" in e for e in info.value.errors)

@@ -31,3 +31,12 @@ def test_package_and_config_import_without_megatron():
             "bad = [m for m in sys.modules if m.startswith(('megatron.core', 'transformer_engine'))]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_data_tools_import_no_training_or_gpu_code():
+    code = ("import sys, data_tools.cli, data_tools.preprocess, data_tools.inspect, data_tools.samples, "
+            "data_tools.tokenizer, data_tools.sources.img2dataset, data_tools.sources.records; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformer_engine') "
+            "or m.startswith(('megatron.core', 'nvidia.dali', 'megatron_emu.model', 'megatron_emu.training'))]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -1,0 +1,248 @@
+"""``megatron-emu-data preprocess``: inputs -> interleaved-document WebDataset shards.
+
+Plan (parent): the format splits its inputs into units (one input file, a record range); unit
+``k`` becomes ``shard-k``. Work (a pool of forked workers): read the unit, tokenize the text with
+the Emu2 tokenizer, check/resize/re-encode the images, write ``shard-k.tar`` then
+``shard-k.json`` (stats + index rows), each atomically. Merge (parent): ``index.npy``,
+``dataset.json`` and ``summary.json``. A shard whose ``.json`` exists for the same unit and
+options is not redone, so an interrupted run continues where it stopped. Output bytes do not
+depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import re
+import tarfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from data_tools import sources
+from data_tools.images import DEFAULT_MAX_PIXELS, SkipSample, process_image
+from data_tools.sources import RawDoc, Skip
+from megatron_emu.data import shard_format as sf
+from megatron_emu.data.tokenizer import Emu2Tokenizer
+
+log = logging.getLogger("megatron_emu.data_tools")
+LOG_PER_REASON = 20
+
+
+@dataclass
+class Options:
+    format: str
+    inputs: list[str]
+    tokenizer: str
+    out: str
+    images: Optional[str] = None
+    image_size: int = 448
+    workers: int = 1
+    shard_size: int = 1000
+    caption_field: Optional[str] = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool = True
+
+    def fingerprint(self, tokenizer_sha: str) -> str:
+        """What the shard bytes depend on besides the unit."""
+        keys = {"format": self.format, "image_size": self.image_size, "caption_field": self.caption_field,
+                "max_pixels": self.max_pixels, "tokenizer": tokenizer_sha, "version": sf.FORMAT_VERSION}
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ShardStats:
+    documents: int = 0
+    images: int = 0
+    text_tokens: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    rows: list = field(default_factory=list)  # [key, offset, size, text_tokens, images, kind]
+
+
+class _Worker:
+    """Per-process state: the tokenizer and the log budget per skip reason."""
+
+    tok: Optional[Emu2Tokenizer] = None
+    logged: Counter = Counter()
+
+
+def _note_skip(stats: ShardStats, reason: str, key: str, detail: str = "") -> None:
+    stats.skipped[reason] += 1
+    _Worker.logged[reason] += 1
+    if _Worker.logged[reason] <= LOG_PER_REASON:
+        log.warning("skipped %s (%s)%s", key, reason, f": {detail}" if detail else "")
+        if _Worker.logged[reason] == LOG_PER_REASON:
+            log.warning("further %r skips are counted but not logged by this worker", reason)
+
+
+_SPACES = re.compile(r"[ \t\r\f\v]+")
+
+
+def normalize_text(text: str) -> str:
+    """Strip, and collapse runs of horizontal whitespace to one space (newlines stay)."""
+    return "\n".join(_SPACES.sub(" ", line).strip() for line in text.strip().splitlines())
+
+
+def convert(raw: RawDoc, opts: Options, stats: ShardStats) -> Optional[sf.Document]:
+    """Tokenize and process one document; bad images are dropped (and counted); returns None
+    when nothing usable is left (a pair needs its image and its caption)."""
+    segments = []
+    for kind, value in raw.segments:
+        if kind == "text":
+            text = normalize_text(value)
+            ids = _Worker.tok.encode(text) if text else []
+            if ids:
+                segments.append(("text", (text, ids)))
+            continue
+        try:
+            segments.append(("image", process_image(value(), opts.image_size, opts.max_pixels)))
+        except SkipSample as e:
+            _note_skip(stats, e.reason, raw.key, e.detail)
+            if raw.kind == "pair":
+                return None
+    kinds = [k for k, _ in segments]
+    if not segments or (raw.kind == "pair" and kinds.count("text") != 1):
+        _note_skip(stats, "empty_document", raw.key)
+        return None
+    return sf.Document(key=raw.key, kind=raw.kind, segments=segments, source=raw.source)
+
+
+def _shard_paths(out: Path, k: int) -> tuple[Path, Path]:
+    stem = sf.SHARD_PATTERN.format(k)
+    return out / f"{stem}.tar", out / f"{stem}.json"
+
+
+def _unit_record(unit: sources.Unit, fingerprint: str) -> dict:
+    return {"path": os.path.abspath(unit.path), "start": unit.start, "stop": unit.stop,
+            "options": fingerprint}
+
+
+def process_unit(job: tuple) -> dict:
+    """Worker: one unit -> ``shard-k.tar`` + ``shard-k.json``. Returns the shard json."""
+    k, unit, opts, fingerprint = job
+    if _Worker.tok is None:
+        _Worker.tok = Emu2Tokenizer(opts.tokenizer)
+    fmt = sources.get_format(opts.format)
+    tar_path, json_path = _shard_paths(Path(opts.out), k)
+    stats = ShardStats()
+    tmp_tar = tar_path.with_name(f".{tar_path.name}.{os.getpid()}.tmp")
+    with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for n, item in enumerate(fmt.read(unit, opts)):
+            if isinstance(item, Skip):
+                _note_skip(stats, item.reason, item.key, item.detail)
+                continue
+            doc = convert(item, opts, stats)
+            if doc is None:
+                continue
+            key = f"{k:06d}{len(stats.rows):07d}"
+            doc.source = {**doc.source, "input_key": item.key}
+            start = tar.offset
+            for ext, data in sf.encode_document(doc).items():
+                sf.write_member(tar, f"{key}.{ext}", data)
+            n_text = sum(len(v[1]) for kk, v in doc.segments if kk == "text")
+            stats.rows.append([key, start, tar.offset - start, n_text, doc.n_images,
+                               sf.KIND_CODES[doc.kind]])
+            stats.documents += 1
+            stats.images += doc.n_images
+            stats.text_tokens += n_text
+    os.replace(tmp_tar, tar_path)
+    record = {"unit": _unit_record(unit, fingerprint), "documents": stats.documents,
+              "images": stats.images, "text_tokens": stats.text_tokens,
+              "skipped": dict(sorted(stats.skipped.items())), "rows": stats.rows}
+    _atomic_write(json_path, json.dumps(record, separators=(",", ":")).encode())
+    return record
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _done(out: Path, k: int, unit: sources.Unit, fingerprint: str) -> Optional[dict]:
+    tar_path, json_path = _shard_paths(out, k)
+    if not (tar_path.is_file() and json_path.is_file()):
+        return None
+    try:
+        record = json.loads(json_path.read_text())
+    except ValueError:
+        return None
+    return record if record.get("unit") == _unit_record(unit, fingerprint) else None
+
+
+def merge(out: Path, records: list[dict], tokenizer: Emu2Tokenizer, opts: Options) -> dict:
+    """Write ``index.npy``, ``dataset.json`` and ``summary.json`` from the shard records."""
+    rows = [[k, r[1], r[2], r[3], r[4], r[5]] for k, rec in enumerate(records) for r in rec["rows"]]
+    index = np.asarray(rows, dtype=np.int64).reshape(-1, 6)
+    tmp = out / f".{sf.INDEX_FILE}.{os.getpid()}.tmp.npy"
+    np.save(tmp, index, allow_pickle=False)
+    os.replace(tmp, out / sf.INDEX_FILE)
+    skipped: Counter = Counter()
+    for rec in records:
+        skipped.update(rec["skipped"])
+    shards = [sf.SHARD_PATTERN.format(k) + ".tar" for k in range(len(records))]
+    meta = {"format_version": sf.FORMAT_VERSION, "image_size": opts.image_size,
+            "source_format": opts.format, "tokenizer_sha256": tokenizer.fingerprint(),
+            "vocab_size": tokenizer.vocab_size, "shards": shards}
+    summary = {"documents": int(sum(r["documents"] for r in records)),
+               "images": int(sum(r["images"] for r in records)),
+               "text_tokens": int(sum(r["text_tokens"] for r in records)),
+               "shards": len(shards), "skipped": dict(sorted(skipped.items())),
+               "pairs": int((index[:, sf.COL_KIND] == sf.KIND_CODES["pair"]).sum()),
+               "interleaved": int((index[:, sf.COL_KIND] == sf.KIND_CODES["interleaved"]).sum())}
+    _atomic_write(out / sf.DATASET_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    _atomic_write(out / sf.SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
+    return summary
+
+
+def run(opts: Options) -> dict:
+    """Preprocess; returns the summary. Raises on unusable arguments before any work."""
+    tokenizer = Emu2Tokenizer(opts.tokenizer)
+    fmt = sources.get_format(opts.format)
+    if opts.shard_size < 1 or opts.workers < 1 or opts.image_size < 14:
+        raise ValueError("--shard-size and --workers must be >= 1 and --image-size >= 14")
+    if opts.format != "img2dataset":
+        from data_tools.sources import records
+        records.STORE = records.ImageStore(opts.images)
+    units = fmt.plan(opts.inputs, opts)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("shard-*"):  # left by an earlier run with more units
+        if stale.suffix in (".tar", ".json") and int(stale.stem.split("-")[1]) >= len(units):
+            stale.unlink()
+    fingerprint = opts.fingerprint(tokenizer.fingerprint())
+    records: list[Optional[dict]] = [_done(out, k, u, fingerprint) for k, u in enumerate(units)]
+    todo = [(k, u, opts, fingerprint) for k, u in enumerate(units) if records[k] is None]
+    log.info("%s: %d input unit(s), %d already done, %d to process with %d worker(s)",
+             opts.format, len(units), len(units) - len(todo), len(todo), opts.workers)
+    bar = _progress(len(units), len(units) - len(todo), opts.progress)
+    if opts.workers == 1 or len(todo) <= 1:
+        results = map(process_unit, todo)
+        _consume(results, records, units, bar)
+    else:
+        with mp.get_context("fork").Pool(min(opts.workers, len(todo))) as pool:
+            _consume(pool.imap_unordered(process_unit, todo), records, units, bar)
+    bar.close()
+    return merge(out, records, tokenizer, opts)
+
+
+def _consume(results, records: list, units: list, bar) -> None:
+    by_unit = {(os.path.abspath(u.path), u.start, u.stop): k for k, u in enumerate(units)}
+    for rec in results:
+        u = rec["unit"]
+        records[by_unit[(u["path"], u["start"], u["stop"])]] = rec
+        bar.update(1)
+        bar.set_postfix(documents=sum(r["documents"] for r in records if r), refresh=False)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="shard", desc="preprocess", disable=not enabled,
+                dynamic_ncols=True)

@@ -1,0 +1,66 @@
+"""Input formats for ``megatron-emu-data preprocess``.
+
+Every format turns its inputs into work units (``Unit``: one input file and a record range, one
+output shard each) and reads a unit into ``RawDoc`` items (or ``Skip`` markers for bad input).
+Units are planned in the parent process; workers read them independently, which makes the output
+deterministic whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Union
+
+ImageRef = Callable[[], bytes]  # returns the encoded image, or raises SkipSample("missing_image")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Records ``[start, stop)`` of one input file (``stop`` None: to the end)."""
+
+    path: str
+    start: int
+    stop: Optional[int]
+
+
+@dataclass
+class RawDoc:
+    """A document before tokenization and image processing.
+
+    ``segments``: ``("text", str)`` or ``("image", ImageRef)`` in reading order.
+    """
+
+    key: str
+    kind: str  # "pair" | "interleaved"
+    segments: list = field(default_factory=list)
+    source: dict = field(default_factory=dict)
+
+
+@dataclass
+class Skip:
+    """A record skipped with a reason (the ``summary.json['skipped']`` key)."""
+
+    reason: str
+    key: str
+    detail: str = ""
+
+
+Item = Union[RawDoc, Skip]
+
+
+def get_format(name: str):
+    """The format module for ``--format``: it provides ``plan(inputs, opts) -> list[Unit]`` and
+    ``read(unit, opts) -> Iterator[Item]``."""
+    from data_tools.sources import img2dataset, records
+
+    formats = {"img2dataset": img2dataset, "mmc4": records.MMC4, "obelics": records.OBELICS,
+               "laion": records.LAION, "jsonl": records.JSONL}
+    try:
+        return formats[name]
+    except KeyError:
+        raise ValueError(f"unknown --format {name!r}; choose from {sorted(formats)}") from None
+
+
+def iter_chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(n, start + size)

@@ -1,0 +1,81 @@
+"""``--format img2dataset``: image-text pairs from img2dataset WebDataset tars.
+
+Each sample is ``KEY.jpg|png|webp`` + ``KEY.txt`` (caption) and/or ``KEY.json`` (``caption``,
+``url``, ...). ``--caption-field`` picks a JSON field instead of ``txt`` (e.g. ``capsfusion``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+from data_tools.sources import RawDoc, Skip, Unit, iter_chunks
+from data_tools.sources.tars import TarScan, count_groups
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_inputs(inputs: list[str], suffixes: tuple[str, ...]) -> list[str]:
+    """Files given directly, or found (sorted) in given directories."""
+    files: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(str(f) for f in p.rglob("*") if f.is_file() and f.name.endswith(suffixes))
+        elif p.is_file():
+            files.append(str(p))
+        else:
+            raise FileNotFoundError(f"--input {item}: no such file or directory")
+    if not files:
+        raise FileNotFoundError(f"no input files ending in {suffixes} under {inputs}")
+    return files
+
+
+def plan(inputs: list[str], opts) -> list[Unit]:
+    units: list[Unit] = []
+    for path in expand_inputs(inputs, (".tar",)):
+        n, truncated = count_groups(path)
+        chunks = list(iter_chunks(n, opts.shard_size)) or [(0, 0)]
+        for i, (start, stop) in enumerate(chunks):
+            last = i == len(chunks) - 1
+            units.append(Unit(path, start, None if (last and truncated) else stop))
+    return units
+
+
+def _caption(group, handle, field: str | None) -> str:
+    if field is None and "txt" in group.members:
+        return group.read("txt", handle).decode("utf-8", errors="replace")
+    if "json" in group.members:
+        meta = json.loads(group.read("json", handle))
+        value = meta.get(field or "caption")
+        return value if isinstance(value, str) else ""
+    return ""
+
+
+def read(unit: Unit, opts) -> Iterator:
+    scan = TarScan(unit.path)
+    with open(unit.path, "rb") as handle:
+        for i, group in enumerate(scan):
+            if i < unit.start:
+                continue
+            if unit.stop is not None and i >= unit.stop:
+                break
+            key = f"{Path(unit.path).stem}/{group.key}"
+            ext = next((e for e in IMAGE_EXTS if e in group.members), None)
+            if ext is None:
+                yield Skip("missing_image", key)
+                continue
+            try:
+                caption = _caption(group, handle, opts.caption_field).strip()
+            except ValueError as e:
+                yield Skip("malformed_json", key, str(e))
+                continue
+            source = {"tar": Path(unit.path).name, "key": group.key}
+            data = group.read(ext, handle)
+            yield RawDoc(key, "pair", [("image", lambda d=data: d), ("text", caption)], source)
+    for index, name in scan.unsafe:
+        if index >= unit.start and (unit.stop is None or index < unit.stop):
+            yield Skip("unsafe_path", f"{unit.path}:{name}")
+    if scan.error is not None and unit.stop is None:
+        yield Skip("truncated_tar", unit.path, scan.error)

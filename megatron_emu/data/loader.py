@@ -1,0 +1,240 @@
+"""The training data loader: packed Emu2 sequences from preprocessed shards, per DP rank.
+
+The main process walks the global plan (``plan.py``) and keeps this rank's slice of every
+global micro-step (``micro_batch_size x dp_size`` sequences, rank ``r`` takes the ``r``-th
+``micro_batch_size``); workers of a torch ``DataLoader`` read, assemble and decode those
+sequences. ``state_dict()`` is the plan position after the last micro-batch handed out (not
+the ones prefetched), so a restored loader continues exactly, under any DP size as long as it is
+saved at a global-batch boundary (the training loop saves there).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megatron_emu.data import decode as dec
+from megatron_emu.data import shard_format as sf
+from megatron_emu.data.plan import BlendedPlan, PackingSpec
+from megatron_emu.data.sequence import build_sequence, image_first
+
+log = logging.getLogger("megatron_emu.data")
+
+
+def parse_paths(entries: list[str]) -> list[tuple[float, str]]:
+    """``data.path`` entries ``"DIR"`` or ``"WEIGHT:DIR"`` -> ``[(weight, dir)]``."""
+    out = []
+    for e in entries:
+        head, sep, tail = e.partition(":")
+        try:
+            out.append((float(head), tail) if sep else (1.0, e))
+        except ValueError:
+            out.append((1.0, e))
+    return out
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    paths: tuple  # ((weight, dir), ...)
+    seq_length: int
+    n_query: int
+    image_size: int
+    micro_batch_size: int
+    max_images: int = 8
+    dp_rank: int = 0
+    dp_size: int = 1
+    num_workers: int = 2
+    seed: int = 1234
+    decoder: str = "pil"
+    image_first_prob: float = 0.5
+    lookahead: int = 16
+
+    @classmethod
+    def from_config(cls, cfg, dp_rank: int = 0, dp_size: int = 1) -> "LoaderSpec":
+        d = cfg.data
+        return cls(paths=tuple(parse_paths(d.path)), seq_length=cfg.train.seq_length,
+                   n_query=cfg.model.adapter.n_query, image_size=cfg.model.vision.image_size,
+                   micro_batch_size=cfg.train.micro_batch_size, max_images=d.max_images_per_sequence,
+                   dp_rank=dp_rank, dp_size=dp_size, num_workers=d.num_workers, seed=cfg.train.seed,
+                   decoder=d.decoder, image_first_prob=d.pair_image_first_prob,
+                   lookahead=d.packing_lookahead)
+
+
+@dataclass
+class LoaderBatch:
+    """tokens/labels ``[b, s]`` int64, loss_mask ``[b, s]`` float, reg_mask ``[b, s]`` bool,
+    images ``uint8 [n, 3, H, W]`` (row-major order of ``[IMG]``), keys: documents per row."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    reg_mask: torch.Tensor
+    images: torch.Tensor
+    keys: list = field(default_factory=list)
+
+    def to_model(self, device: torch.device, dtype: torch.dtype = torch.float32):
+        """Move to the device and normalise the pixels there -> ``Emu2Batch``."""
+        from megatron_emu.model.multimodal import Emu2Batch
+
+        images = dec.normalize(self.images.to(device, non_blocking=True), dtype)
+        return Emu2Batch(tokens=self.tokens.to(device), labels=self.labels.to(device),
+                         loss_mask=self.loss_mask.to(device), images=images)
+
+
+class SequenceReader(torch.utils.data.Dataset):
+    """Map-style dataset whose "indices" are plan descriptors ``(dataset, [(epoch, doc)])``."""
+
+    def __init__(self, spec: LoaderSpec, indexes: list, metas: list, decode_here: bool):
+        self.spec, self.indexes, self.metas, self.decode_here = spec, indexes, metas, decode_here
+        self.dirs = [Path(d) for _, d in spec.paths]
+        self._handles: dict = {}
+
+    def _read(self, dataset: int, doc: int) -> sf.Document:
+        row = self.indexes[dataset][doc]
+        shard = int(row[sf.COL_SHARD])
+        handle = self._handles.get((dataset, shard))
+        if handle is None:
+            path = self.dirs[dataset] / self.metas[dataset]["shards"][shard]
+            handle = self._handles[(dataset, shard)] = open(path, "rb")
+        members = sf.read_span(handle.name, int(row[sf.COL_OFFSET]), int(row[sf.COL_SIZE]), handle)
+        return sf.decode_document(f"{dataset}:{doc}", members)
+
+    def __getitem__(self, descriptor) -> dict:
+        dataset, items = descriptor
+        s = self.spec
+        docs = [(self._read(dataset, doc), image_first(s.seed, dataset, epoch, doc, s.image_first_prob))
+                for epoch, doc in items]
+        seq = build_sequence(docs, s.seq_length, s.n_query, s.max_images)
+        images = [dec.decode_pil(b, s.image_size) for b in seq.images] if self.decode_here else seq.images
+        return {"tokens": seq.tokens, "labels": seq.labels, "loss_mask": seq.loss_mask,
+                "reg_mask": seq.reg_mask, "images": images, "keys": seq.documents}
+
+    def __len__(self) -> int:  # unused: the sampler is infinite
+        return 2**62
+
+
+def _collate(samples: list[dict]) -> dict:
+    out = {k: torch.from_numpy(np.stack([s[k] for s in samples]))
+           for k in ("tokens", "labels", "loss_mask", "reg_mask")}
+    images = [im for s in samples for im in s["images"]]
+    if images and isinstance(images[0], np.ndarray):
+        out["images"] = torch.from_numpy(np.stack(images))
+    else:
+        out["images"] = images  # encoded, decoded in the main process (DALI)
+    out["keys"] = [s["keys"] for s in samples]
+    return out
+
+
+class _PlanSampler:
+    """Batch sampler: this rank's micro-batches of descriptors; records the plan state after
+    each one (the loader pops them as batches are consumed)."""
+
+    def __init__(self, plan: BlendedPlan, spec: LoaderSpec):
+        self.plan, self.spec = plan, spec
+        self.states: collections.deque = collections.deque()
+
+    def __iter__(self):
+        mbs, rank = self.spec.micro_batch_size, self.spec.dp_rank
+        while True:
+            step = [self.plan.next() for _ in range(mbs * self.spec.dp_size)]
+            self.states.append(self.plan.state_dict())
+            yield step[rank * mbs:(rank + 1) * mbs]
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def dataset_fingerprint(directory: Path, meta: dict, n_docs: int) -> str:
+    text = json.dumps(meta, sort_keys=True) + f"/{n_docs}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class EmuDataLoader:
+    """Iterate ``LoaderBatch`` micro-batches forever; ``state_dict``/``load_state_dict`` save
+    and restore the exact position."""
+
+    def __init__(self, spec: LoaderSpec):
+        if not spec.paths:
+            raise ValueError("data.path: no dataset given")
+        self.spec = spec
+        metas, indexes = [], []
+        for _, d in spec.paths:
+            meta, index = sf.load_index(d)
+            if int(meta["image_size"]) != spec.image_size:
+                raise ValueError(f"data.path {d}: images were preprocessed at {meta['image_size']} px "
+                                 f"but model.vision.image_size is {spec.image_size}; re-run "
+                                 f"`megatron-emu-data preprocess --image-size {spec.image_size}`")
+            metas.append(meta)
+            indexes.append(index)
+        pack = PackingSpec(seq_length=spec.seq_length, tokens_per_image=spec.n_query + 2,
+                           max_images=spec.max_images, lookahead=spec.lookahead, seed=spec.seed)
+        fingerprint = {
+            "datasets": [f"{w:g}:{dataset_fingerprint(Path(d), m, len(ix))}"
+                         for (w, d), m, ix in zip(spec.paths, metas, indexes)],
+            "seq_length": spec.seq_length, "tokens_per_image": spec.n_query + 2,
+            "max_images": spec.max_images, "seed": spec.seed, "lookahead": spec.lookahead,
+            "image_first_prob": spec.image_first_prob}
+        self.plan = BlendedPlan(indexes, [w for w, _ in spec.paths], pack, fingerprint)
+        self.decoder = dec.resolve_decoder(spec.decoder)
+        self._dali = None
+        self.reader = SequenceReader(spec, indexes, metas, decode_here=self.decoder == "pil")
+        self._state = self.plan.state_dict()
+        self._sampler: Optional[_PlanSampler] = None
+        self._iter = None
+
+    def _start(self) -> None:
+        self.plan.load_state_dict(self._state)
+        self._sampler = _PlanSampler(self.plan, self.spec)
+        n = self.spec.num_workers
+        loader = torch.utils.data.DataLoader(
+            self.reader, batch_sampler=self._sampler, num_workers=n, collate_fn=_collate,
+            worker_init_fn=_worker_init if n else None, persistent_workers=False,
+            prefetch_factor=2 if n else None, multiprocessing_context="fork" if n else None)
+        self._iter = iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> LoaderBatch:
+        if self._iter is None:
+            self._start()
+        raw = next(self._iter)
+        self._state = self._sampler.states.popleft()
+        images = raw["images"]
+        if not isinstance(images, torch.Tensor):
+            images = self._decode_dali(images)
+        return LoaderBatch(raw["tokens"], raw["labels"], raw["loss_mask"], raw["reg_mask"],
+                           images, raw["keys"])
+
+    def _decode_dali(self, encoded: list) -> torch.Tensor:
+        if self._dali is None:
+            self._dali = dec.DaliDecoder(self.spec.image_size,
+                                         self.spec.micro_batch_size * self.spec.max_images,
+                                         gpu=self.decoder == "dali")
+        return self._dali(encoded)
+
+    @property
+    def consumed_sequences(self) -> int:
+        """Global sequences handed out so far (all DP ranks together)."""
+        return int(self._state["index"])
+
+    def state_dict(self) -> dict:
+        return json.loads(json.dumps(self._state))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.plan.load_state_dict(state)  # validates the fingerprint now
+        self._state = self.plan.state_dict()
+
+    def close(self) -> None:
+        self._iter = None
+        self._sampler = None

@@ -1,0 +1,87 @@
+"""Assemble one training sequence from packed documents (numpy only; runs in loader workers).
+
+Layout (emu2_spec.md §1.7): every document is ``<s>`` + its segments + ``</s>``; an image is
+``[IMG]`` + ``<image>`` x n_query + ``[/IMG]``. Documents are concatenated to ``seq_length + 1``
+tokens (inputs are ``[:-1]``, labels ``[1:]``) and padded with ``[PAD]``. An image is never
+split: one that does not fit (or exceeds the per-sequence cap) is dropped with its tokens, text
+is cut at the end. A pair (one image + caption) puts its image before the caption with
+probability ``image_first_prob`` (stage 2: 0.5), decided by a per-document seed, so a sequence is
+a pure function of its descriptor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from megatron_emu.data import special_tokens as st
+from megatron_emu.data.shard_format import Document
+
+
+@dataclass
+class Sequence:
+    """tokens/labels ``[s]`` int64, loss_mask ``[s]`` float32, reg_mask ``[s]`` bool (position
+    ``t`` regresses the visual embedding at ``t + 1``), images: encoded images in order."""
+
+    tokens: np.ndarray
+    labels: np.ndarray
+    loss_mask: np.ndarray
+    reg_mask: np.ndarray
+    images: list = field(default_factory=list)
+    documents: list = field(default_factory=list)  # keys, for tests and debugging
+
+
+def image_first(seed: int, dataset: int, epoch: int, doc: int, prob: float) -> bool:
+    """Deterministic coin for the placement of a pair's image."""
+    if prob >= 1.0:
+        return True
+    if prob <= 0.0:
+        return False
+    return bool(np.random.default_rng([seed, dataset, epoch, doc, 0x1AB]).random() < prob)
+
+
+def ordered_segments(doc: Document, first: bool) -> list:
+    """A pair's segments with the image first (``first``) or last; others unchanged."""
+    if doc.kind != "pair":
+        return doc.segments
+    images = [s for s in doc.segments if s[0] == "image"]
+    texts = [s for s in doc.segments if s[0] == "text"]
+    return images + texts if first else texts + images
+
+
+def build_sequence(docs: list[tuple[Document, bool]], seq_length: int, n_query: int,
+                   max_images: int) -> Sequence:
+    """Pack ``(document, image_first)`` items, in order, into one sequence of ``seq_length``."""
+    cap = seq_length + 1
+    tokens: list[int] = []
+    images: list = []
+    boundaries: list[int] = []  # indices of </s> tokens followed by another document
+    per_image = n_query + 2
+    for doc, first in docs:
+        if len(tokens) >= cap:
+            break
+        if tokens:
+            boundaries.append(len(tokens) - 1)
+        tokens.append(st.BOS_ID)
+        for kind, value in ordered_segments(doc, first):
+            room = cap - len(tokens)
+            if kind == "text":
+                tokens.extend(value[:room])
+            elif per_image <= room and len(images) < max_images:
+                tokens += [st.IMG_ID] + [st.IMAGE_ID] * n_query + [st.IMG_END_ID]
+                images.append(value)
+        if len(tokens) < cap:
+            tokens.append(st.EOS_ID)
+    n = min(len(tokens), cap)
+    full = np.full(cap, st.PAD_ID, dtype=np.int64)
+    full[:n] = tokens[:n]
+    inputs, labels = full[:-1].copy(), full[1:].copy()
+    loss_mask = np.zeros(seq_length, dtype=np.float32)
+    loss_mask[: max(n - 1, 0)] = 1.0
+    for b in boundaries:  # do not train </s> -> next document's <s>
+        if b < seq_length and inputs[b] == st.EOS_ID:
+            loss_mask[b] = 0.0
+    reg_mask = np.zeros(seq_length, dtype=bool)
+    reg_mask[:-1] = inputs[1:] == st.IMAGE_ID
+    return Sequence(inputs, labels, loss_mask, reg_mask, images, [d.key for d, _ in docs])

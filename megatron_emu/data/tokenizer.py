@@ -1,0 +1,93 @@
+"""The Emu2 tokenizer at run time: a LLaMA SentencePiece model plus the Emu2 special tokens.
+
+A tokenizer directory (written by ``megatron-emu-data tokenizer``) has the Hugging Face layout:
+``tokenizer.model``, ``tokenizer_config.json``, ``special_tokens_map.json`` and
+``added_tokens.json``. Special tokens keep the exact ids of ``special_tokens.py`` (``[PAD]`` 32000,
+``[IMG]`` 32001, ...); they are matched by id, never produced by SentencePiece from text.
+
+Only sentencepiece is imported here (no torch), so the data tools can use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import sentencepiece as spm
+
+from megatron_emu.data import special_tokens as st
+
+MODEL_FILE = "tokenizer.model"
+ADDED_TOKENS_FILE = "added_tokens.json"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer directory is missing files or disagrees with the Emu2 special-token ids."""
+
+
+class Emu2Tokenizer:
+    """Encode text segments to ids and decode ids, special tokens included.
+
+    ``encode`` returns the pieces of one text segment without ``<s>``/``</s>`` (sequence
+    assembly adds them); ``decode`` renders special ids by name.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        model = self.directory / MODEL_FILE
+        added = self.directory / ADDED_TOKENS_FILE
+        for f in (model, added):
+            if not f.is_file():
+                raise TokenizerError(f"tokenizer directory {self.directory} has no {f.name} "
+                                     f"(make one with `megatron-emu-data tokenizer`)")
+        self.sp = spm.SentencePieceProcessor(model_file=str(model))
+        if self.sp.get_piece_size() != st.LLAMA_VOCAB_SIZE:
+            raise TokenizerError(f"{model} has {self.sp.get_piece_size()} pieces; Emu2 ids need "
+                                 f"exactly {st.LLAMA_VOCAB_SIZE} before the special tokens")
+        table = json.loads(added.read_text())
+        expected = {tok: st.TOKEN_IDS[tok] for tok in st.ADDED_TOKENS}
+        wrong = {k: v for k, v in table.items() if expected.get(k) != v}
+        missing = sorted(set(expected) - set(table))
+        if wrong or missing:
+            raise TokenizerError(f"{added} disagrees with the Emu2 special-token ids: "
+                                 f"wrong {dict(list(wrong.items())[:3])}, missing {missing[:3]}")
+        self.id_to_special = {v: k for k, v in st.TOKEN_IDS.items() if v >= st.LLAMA_VOCAB_SIZE}
+        self._special_re = re.compile("(" + "|".join(re.escape(t) for t in sorted(
+            self.id_to_special.values(), key=len, reverse=True)) + ")")
+
+    @property
+    def vocab_size(self) -> int:
+        return st.EMU2_VOCAB_SIZE
+
+    def fingerprint(self) -> str:
+        """sha256 of the SentencePiece model (recorded in datasets made with this tokenizer)."""
+        return hashlib.sha256((self.directory / MODEL_FILE).read_bytes()).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of a text segment; special-token strings in it map to their ids."""
+        out: list[int] = []
+        for i, part in enumerate(self._special_re.split(text)):
+            if i % 2:
+                out.append(st.TOKEN_IDS[part])
+            elif part:
+                out.extend(self.sp.encode(part))
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ids; special ids are rendered by name, ``<s>``/``</s>`` included."""
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            i = int(i)
+            if i in self.id_to_special or i in (st.BOS_ID, st.EOS_ID):
+                if run:
+                    parts.append(self.sp.decode(run))
+                    run = []
+                parts.append(self.id_to_special.get(i) or ("<s>" if i == st.BOS_ID else "</s>"))
+            else:
+                run.append(i)
+        if run:
+            parts.append(self.sp.decode(run))
+        return "".join(parts)

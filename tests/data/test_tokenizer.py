@@ -1,0 +1,71 @@
+"""The Emu2 tokenizer directory: exact special-token ids, and transformers as the oracle."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from data_tools.cli import main as data_cli
+from data_tools.tokenizer import build
+from megatron_emu.data import special_tokens as st
+from megatron_emu.data.tokenizer import Emu2Tokenizer, TokenizerError
+
+LLAMA = Path(__file__).resolve().parents[3] / "shared" / "data" / "llama_tokenizer.model"
+TEXTS = ["A photo of an emu egg", "[IMG]<image><image>[/IMG]Chelsea the cat, a tabby.",
+         "Numbers 1234 and ünïcödé, plus <phrase>a man</phrase><object>", "spaces\tand a tab\nand a new line"]
+# Runs of spaces are segmented differently by SentencePiece (what the original Emu2 code used)
+# and by transformers' tokenizers backend; preprocessing collapses them (test_preprocess).
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    if not LLAMA.is_file():
+        pytest.skip(f"the LLaMA tokenizer model is not at {LLAMA}")
+    out = tmp_path_factory.mktemp("llama") / "tok"
+    assert data_cli(["tokenizer", "--llama-model", str(LLAMA), "--out", str(out)]) == 0
+    return out
+
+
+def test_llama_tokenizer_has_emu2_ids(llama_dir):
+    tok = Emu2Tokenizer(llama_dir)
+    # emu2_spec.md §1.7: "[IMG]<image><image><image>[/IMG]A photo" (after <s>).
+    assert tok.encode("[IMG]<image><image><image>[/IMG]A photo") == [32001, 32003, 32003, 32003, 32002, 319, 15373]
+    assert tok.vocab_size == 32272
+
+
+@pytest.mark.parametrize("which", ["llama", "trained"])
+def test_transformers_loads_and_agrees(which, llama_dir, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    directory = llama_dir if which == "llama" else tokenizer_dir
+    hf = AutoTokenizer.from_pretrained(str(directory))
+    ours = Emu2Tokenizer(directory)
+    assert len(hf) == st.EMU2_VOCAB_SIZE
+    names = ["[PAD]", "[IMG]", "[/IMG]", "<image>", "[gIMG]", "<REC>", "<patch_index_0000>", "<patch_index_0256>"]
+    assert hf.convert_tokens_to_ids(names) == [st.token_id(n) for n in names]
+    assert hf.pad_token == "[PAD]" and hf.bos_token_id == st.BOS_ID and hf.eos_token_id == st.EOS_ID
+    for text in TEXTS:
+        assert hf(text).input_ids == [st.BOS_ID] + ours.encode(text), text
+
+
+def test_trained_tokenizer_is_deterministic_and_padded(samples, tokenizer_dir, tmp_path):
+    again = build(tmp_path / "again", train_text=samples / "corpus.txt", vocab_size=800)
+    assert (tmp_path / "again" / "tokenizer.model").read_bytes() == (tokenizer_dir / "tokenizer.model").read_bytes()
+    assert again.sp.get_piece_size() == st.LLAMA_VOCAB_SIZE
+    ids = again.encode(" ".join(TEXTS))
+    assert max(i for i in ids if i < st.LLAMA_VOCAB_SIZE) < 800  # never an UNUSED pad piece
+    assert again.decode(again.encode("Chelsea the cat")) == "Chelsea the cat"
+
+
+def test_bad_tokenizer_directories(tokenizer_dir, tmp_path):
+    with pytest.raises(TokenizerError, match="has no tokenizer.model"):
+        Emu2Tokenizer(tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(tokenizer_dir, broken)
+    (broken / "added_tokens.json").write_text('{"[PAD]": 5}')
+    with pytest.raises(TokenizerError, match="special-token ids"):
+        Emu2Tokenizer(broken)
+    with pytest.raises(ValueError, match="vocab-size"):
+        build(tmp_path / "x", train_text=tmp_path / "none.txt", vocab_size=40000)
