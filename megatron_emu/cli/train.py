@@ -1,7 +1,9 @@
 """``megatron-emu-train --config FILE.yaml [--set dotted.key=value ...] [--dry-run [--json]]``.
 
 The config is loaded strictly and validated (every problem at once, each naming its field)
-before any process group starts. ``--dry-run`` prints the parameter and memory plan of the
+before any process group starts (and the data directories are checked). Without
+``--dry-run`` it trains (run under torchrun / srun; a restart resumes from ``latest``).
+``--dry-run`` prints the parameter and memory plan of the
 configured layout without GPUs, process groups or data.
 """
 
@@ -43,9 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         report = plan(cfg)
         print(json.dumps(report, indent=2) if args.json else format_plan(report))
         return 0
-    print("megatron-emu-train: the training loop is not implemented yet (see the training-job "
-          "issue); use --dry-run to plan a layout", file=sys.stderr)
-    return 2
+    from megatron_emu.config.validate import data_path_errors
+
+    errors = data_path_errors(cfg)
+    if errors:
+        print(f"megatron-emu-train: {ConfigError(errors)}", file=sys.stderr)
+        return 2
+    from megatron_emu.training.loop import train
+
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,17 @@ class ParallelConfig:
 
 
 @dataclass(kw_only=True)
+class ModuleLRConfig:
+    """Per-module peak learning rates (null: ``train.lr``). Paper stage 1: projection 1e-4,
+    LLM 3e-5, ViT 5e-5. The cosine schedule scales each by ``train.min_lr / train.lr``."""
+
+    vision: Optional[float] = None  # ViT
+    adapter: Optional[float] = None  # project_up
+    lm: Optional[float] = None  # token embedding, decoder layers, final norm, LM head
+    regression_head: Optional[float] = None  # project_down
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     train_iters: int = 1000
     global_batch_size: int = 8
@@ -120,6 +131,15 @@ class TrainConfig:
     freeze: list[str] = field(default_factory=list)
     recompute_granularity: Optional[Literal["selective", "full"]] = None
     fp8: Optional[Literal["hybrid", "e4m3"]] = None
+    module_lr: ModuleLRConfig = field(default_factory=ModuleLRConfig)
+    # Save and exit 0 once this much wall time has passed (a scheduler time limit); null: never.
+    exit_duration_mins: Optional[float] = None
+    # Save and exit 0 at every multiple of this iteration (chained jobs of fixed length); null: never.
+    exit_interval: Optional[int] = None
+    # Stop with an error after this many consecutive steps skipped for a non-finite loss/grad.
+    max_consecutive_skips: int = 5
+    # Fault injection for tests and drills: the loss of these iterations (1-based) becomes NaN.
+    inject_nan_iterations: list[int] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -145,10 +165,15 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
+    # Where iter_NNNNNNN/ and `latest` go; a restart resumes from `latest` here.
     dir: Optional[str] = None
     save_interval: int = 1000
+    # Initialise weights (only) from this checkpoint (a checkpoint dir with `latest`, or one
+    # iter_NNNNNNN/ dir) when checkpoint.dir has nothing to resume from.
     load: Optional[str] = None
     keep_last: int = 3
+    # Save a final checkpoint when train_iters is reached.
+    save_at_end: bool = True
 
 
 @dataclass(kw_only=True)

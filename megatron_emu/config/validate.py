@@ -179,6 +179,19 @@ def _train(errors: list[str], cfg: EmuConfig) -> None:
             errors.append("train.fp8 needs model.transformer_impl: transformer_engine")
         if cfg.model.params_dtype != "bfloat16":
             errors.append("train.fp8 needs model.params_dtype: bfloat16")
+    for name in ("vision", "adapter", "lm", "regression_head"):
+        value = getattr(tr.module_lr, name)
+        if value is not None and value <= 0:
+            errors.append(f"train.module_lr.{name}: must be positive, got {value}")
+    if tr.exit_duration_mins is not None and tr.exit_duration_mins <= 0:
+        errors.append(f"train.exit_duration_mins ({tr.exit_duration_mins}) must be positive")
+    if tr.exit_interval is not None and tr.exit_interval < 1:
+        errors.append(f"train.exit_interval ({tr.exit_interval}) must be >= 1")
+    if tr.max_consecutive_skips < 1:
+        errors.append(f"train.max_consecutive_skips ({tr.max_consecutive_skips}) must be >= 1")
+    ck = cfg.checkpoint
+    if ck.save_interval < 1 or ck.keep_last < 1:
+        errors.append("checkpoint.save_interval and checkpoint.keep_last must be >= 1")
     if cfg.parallel.overlap_param_gather and not cfg.parallel.use_distributed_optimizer:
         errors.append("parallel.overlap_param_gather needs parallel.use_distributed_optimizer")
 
@@ -209,9 +222,27 @@ def data_path_errors(cfg: EmuConfig) -> list[str]:
     for i, entry in enumerate(cfg.data.path):
         head, sep, tail = entry.partition(":")
         directory = tail if sep and head.replace(".", "", 1).isdigit() else entry
-        if not (Path(directory) / "dataset.json").is_file():
+        meta_file = Path(directory) / "dataset.json"
+        if not meta_file.is_file():
             errors.append(f"data.path[{i}]: {directory!r} is not a preprocessed dataset (no dataset.json)")
+        elif cfg.data.tokenizer:
+            errors += _tokenizer_matches(i, meta_file, cfg.data.tokenizer)
     return errors
+
+
+def _tokenizer_matches(i: int, meta_file, tokenizer: str) -> list[str]:
+    import hashlib
+    import json
+    from pathlib import Path
+
+    model = Path(tokenizer) / "tokenizer.model"
+    if not model.is_file():
+        return [f"data.tokenizer: {tokenizer!r} has no tokenizer.model"]
+    saved = json.loads(meta_file.read_text()).get("tokenizer_sha256")
+    if saved and saved != hashlib.sha256(model.read_bytes()).hexdigest():
+        return [f"data.path[{i}]: {meta_file.parent} was tokenized with another tokenizer than "
+                f"data.tokenizer ({tokenizer})"]
+    return []
 
 
 # One representative parameter name per module family (the names are the same on every layout).

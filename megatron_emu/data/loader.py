@@ -56,16 +56,18 @@ class LoaderSpec:
     decoder: str = "pil"
     image_first_prob: float = 0.5
     lookahead: int = 16
+    # False on ranks that never see pixels (pipeline stages after the first): no decoding.
+    decode_images: bool = True
 
     @classmethod
-    def from_config(cls, cfg, dp_rank: int = 0, dp_size: int = 1) -> "LoaderSpec":
+    def from_config(cls, cfg, dp_rank: int = 0, dp_size: int = 1, decode_images: bool = True) -> "LoaderSpec":
         d = cfg.data
         return cls(paths=tuple(parse_paths(d.path)), seq_length=cfg.train.seq_length,
                    n_query=cfg.model.adapter.n_query, image_size=cfg.model.vision.image_size,
                    micro_batch_size=cfg.train.micro_batch_size, max_images=d.max_images_per_sequence,
                    dp_rank=dp_rank, dp_size=dp_size, num_workers=d.num_workers, seed=cfg.train.seed,
                    decoder=d.decoder, image_first_prob=d.pair_image_first_prob,
-                   lookahead=d.packing_lookahead)
+                   lookahead=d.packing_lookahead, decode_images=decode_images)
 
 
 @dataclass
@@ -113,7 +115,12 @@ class SequenceReader(torch.utils.data.Dataset):
         docs = [(self._read(dataset, doc), image_first(s.seed, dataset, epoch, doc, s.image_first_prob))
                 for epoch, doc in items]
         seq = build_sequence(docs, s.seq_length, s.n_query, s.max_images)
-        images = [dec.decode_pil(b, s.image_size) for b in seq.images] if self.decode_here else seq.images
+        if not s.decode_images:
+            images = []
+        elif self.decode_here:
+            images = [dec.decode_pil(b, s.image_size) for b in seq.images]
+        else:
+            images = seq.images
         return {"tokens": seq.tokens, "labels": seq.labels, "loss_mask": seq.loss_mask,
                 "reg_mask": seq.reg_mask, "images": images, "keys": seq.documents}
 
@@ -211,7 +218,8 @@ class EmuDataLoader:
         self._state = self._sampler.states.popleft()
         images = raw["images"]
         if not isinstance(images, torch.Tensor):
-            images = self._decode_dali(images)
+            images = self._decode_dali(images) if images else torch.empty(
+                0, 3, self.spec.image_size, self.spec.image_size, dtype=torch.uint8)
         return LoaderBatch(raw["tokens"], raw["labels"], raw["loss_mask"], raw["reg_mask"],
                            images, raw["keys"])
 

@@ -4,6 +4,7 @@ megatron-core's DDP (and distributed-optimizer grad buffers)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 import torch
@@ -38,14 +39,17 @@ def wrap_ddp(cfg: EmuConfig, chunks: list[Emu2Model], pgs: ProcessGroupCollectio
     return wrapped
 
 
-def _loss_func(output: dict[str, torch.Tensor]):
+def _loss_func(output: dict[str, torch.Tensor], poison: bool = False):
     """megatron-core loss contract: ``(loss, reporting dict)``; the schedule averages over
-    micro-batches (and DDP over data-parallel ranks)."""
+    micro-batches (and DDP over data-parallel ranks). ``poison`` makes the loss NaN (fault
+    injection, ``train.inject_nan_iterations``)."""
+    loss = output["loss"] * float("nan") if poison else output["loss"]
     report = {k: v.detach().clone() for k, v in output.items()}
-    return output["loss"], report
+    report["loss"] = loss.detach().clone()
+    return loss, report
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, poison: bool = False):
     """megatron-core forward-step contract: ``(output, loss_func)``."""
     batch: Emu2Batch = next(data_iterator)
     dev = device.device()
@@ -53,17 +57,17 @@ def forward_step(data_iterator, model):
         tokens=batch.tokens.to(dev), labels=batch.labels.to(dev), loss_mask=batch.loss_mask.to(dev),
         images=None if batch.images is None else batch.images.to(dev),
     )
-    return model(batch), _loss_func
+    return model(batch), functools.partial(_loss_func, poison=poison)
 
 
 def forward_backward(cfg: EmuConfig, model: list[torch.nn.Module], microbatches: list[Emu2Batch],
-                     forward_only: bool = False) -> list[dict[str, torch.Tensor]]:
+                     forward_only: bool = False, poison: bool = False) -> list[dict[str, torch.Tensor]]:
     """Run the schedule over this rank's micro-batches; returns the per-micro-batch loss
     reports on the last pipeline stage (an empty list elsewhere)."""
     iterators: list[Iterable] | Iterable = [iter(microbatches) for _ in model]
     fwd_bwd = get_forward_backward_func()
     return fwd_bwd(
-        forward_step_func=forward_step,
+        forward_step_func=functools.partial(forward_step, poison=poison),
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model,
         num_microbatches=len(microbatches),

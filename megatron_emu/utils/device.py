@@ -29,6 +29,29 @@ def local_index() -> int:
     return torch.cuda.current_device() if has_cuda() else 0
 
 
+def rng_state() -> torch.Tensor:
+    return torch.cuda.get_rng_state()
+
+
+def set_rng_state(state: torch.Tensor) -> None:
+    torch.cuda.set_rng_state(state)
+
+
+def peak_tflops(dtype: str, fp8: bool = False) -> float | None:
+    """Dense peak TFLOP/s of this GPU for MFU (H100 SXM: 989 bf16, 1979 fp8); None on CPU or
+    an unknown GPU."""
+    if not has_cuda():
+        return None
+    name = torch.cuda.get_device_name()
+    table = {"H100": (989.4, 1978.9), "H200": (989.4, 1978.9), "A100": (312.0, None)}
+    for key, (bf16, f8) in table.items():
+        if key in name:
+            if fp8 and f8:
+                return f8
+            return bf16 if dtype == "bfloat16" else bf16 / 2
+    return None
+
+
 def set_local_device() -> None:
     """Bind this process to its GPU (``LOCAL_RANK``); nothing on CPU."""
     if has_cuda():

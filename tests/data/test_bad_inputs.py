@@ -13,7 +13,7 @@ import pytest
 from data_tools.cli import main as data_cli
 from data_tools.samples import photos
 from megatron_emu.data.shard_format import write_member
-from tests.data.conftest import IMAGE_SIZE
+from tests.helpers.datasets import IMAGE_SIZE
 
 
 def huge_png(width: int = 100_000, height: int = 100_000) -> bytes:

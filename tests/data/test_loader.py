@@ -12,7 +12,7 @@ from megatron_emu.data.loader import EmuDataLoader, LoaderSpec
 from megatron_emu.data.plan import BlendedPlan, PackingSpec
 from megatron_emu.data.shard_format import Document, load_index
 from megatron_emu.data.sequence import build_sequence
-from tests.data.conftest import IMAGE_SIZE
+from tests.helpers.datasets import IMAGE_SIZE
 
 N_QUERY = 4
 

@@ -13,7 +13,7 @@ from data_tools.inspect import inspect
 from data_tools.samples import CAPTIONS, STORY
 from megatron_emu.data import shard_format as sf
 from megatron_emu.data.tokenizer import Emu2Tokenizer
-from tests.data.conftest import IMAGE_SIZE, preprocess
+from tests.helpers.datasets import IMAGE_SIZE, preprocess
 
 FORMATS = ["img2dataset", "mmc4", "jsonl", "laion", "obelics"]
 

@@ -24,6 +24,7 @@ def tiny_config(tp=1, pp=1, vpp=None, sp=False, distopt=True, extra=()) -> EmuCo
         f"parallel.sequence_parallel={str(sp).lower()}",
         f"parallel.use_distributed_optimizer={str(distopt).lower()}",
         f"parallel.batch_p2p_comm={'false' if vpp else 'true'}",
+        "train.freeze=[]",  # layout tests train every module unless they freeze one
         *extra,
     ]
     return load_config(TINY, sets)

@@ -1,0 +1,218 @@
+"""Training checkpoints on megatron-core ``dist_checkpointing``: atomic, reshardable, resumable.
+
+Layout under ``checkpoint.dir``::
+
+    iter_0000020/            dist_checkpointing directory (torch_dist): model chunks, optimizer
+                             (``fully_reshardable``: any TP/PP/DP on load), per-rank RNG
+    iter_0000020/megatron_emu.json   iteration, consumed samples, scheduler, data-loader position,
+                             skip counters, the layout and the resolved config (JSON, no pickle)
+    latest                   "iter_0000020": written last, atomically
+
+A save goes to ``iter_NNNNNNN.tmp`` and is renamed into place after every rank has finished;
+``latest`` is replaced after that, so a job killed during a save leaves ``latest`` on the
+previous complete checkpoint (stale ``.tmp`` directories are removed at the next start).
+Tensors are read back with torch's ``weights_only`` loader; nothing here unpickles objects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+log = logging.getLogger("megatron_emu.checkpoint")
+META_FILE = "megatron_emu.json"
+LATEST = "latest"
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used with this configuration (message says why)."""
+
+
+def iter_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def resolve(path: str | Path) -> Optional[Path]:
+    """A checkpoint directory: ``path`` itself when it is one iteration, else what its
+    ``latest`` points at; None when there is nothing."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return path
+    latest = path / LATEST
+    if latest.is_file():
+        target = path / latest.read_text().strip()
+        if (target / META_FILE).is_file():
+            return target
+        raise CheckpointError(f"{latest} points at {target.name}, which is not a complete checkpoint")
+    return None
+
+
+def read_meta(ckpt: Path) -> dict:
+    return json.loads((ckpt / META_FILE).read_text())
+
+
+# Architecture fields that must match for weights to load (shapes), by dotted name.
+def _architecture(model_cfg: dict) -> dict:
+    out = {}
+    for section in ("vision", "adapter", "lm"):
+        for key, value in model_cfg[section].items():
+            out[f"model.{section}.{key}"] = value
+    return out
+
+
+def check_model_matches(meta: dict, cfg, ckpt: Path) -> None:
+    saved = _architecture(meta["config"]["model"])
+    now = _architecture(asdict(cfg.model))
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff:
+        raise CheckpointError(f"{ckpt} holds a different model than the config:\n  " + "\n  ".join(diff))
+
+
+def _rng_object(pgs) -> ShardedObject:
+    """This rank's RNG states, keyed by its (pp, tp, dp) position."""
+    from megatron_emu.utils import device
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if device.has_cuda():
+        state["device"] = device.rng_state()
+    coords = [(torch.distributed.get_rank(g), torch.distributed.get_world_size(g))
+              for g in (pgs.pp, pgs.tp, pgs.dp)]
+    return ShardedObject("rng_state", state, tuple(s for _, s in coords), tuple(r for r, _ in coords),
+                         replica_id=0)
+
+
+def _set_rng(state: dict) -> None:
+    from megatron_emu.utils import device
+
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "device" in state and device.has_cuda():
+        device.set_rng_state(state["device"])
+
+
+def _sharded(model: list, optimizer, pgs, *, with_optimizer: bool, with_rng: bool, loading: bool) -> dict:
+    chunks = [m.module if hasattr(m, "module") else m for m in model]
+    state = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    if with_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=loading, metadata=OPTIMIZER_FORMAT)
+    if with_rng:
+        state["rng_state"] = _rng_object(pgs)
+    return state
+
+
+def _barrier() -> None:
+    torch.distributed.barrier()
+
+
+def cleanup_partial(directory: str | Path) -> None:
+    """Rank 0: remove ``*.tmp`` leftovers of interrupted saves."""
+    directory = Path(directory)
+    if torch.distributed.get_rank() == 0 and directory.is_dir():
+        for tmp in directory.glob("iter_*.tmp"):
+            log.warning("removing %s, left by an interrupted save", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+
+
+def save(directory: str | Path, model: list, optimizer, pgs, meta: dict, keep_last: int) -> Path:
+    """Write ``iter_NNNNNNN`` atomically and point ``latest`` at it (all ranks call this)."""
+    directory = Path(directory)
+    name = iter_name(meta["iteration"])
+    final, tmp = directory / name, directory / f"{name}.tmp"
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    state = _sharded(model, optimizer, pgs, with_optimizer=True, with_rng=True, loading=False)
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    _fault_injection(meta["iteration"])
+    if rank == 0:
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        if final.exists():  # re-saving the same iteration (e.g. after a crash before `latest`)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = directory / f".{LATEST}.tmp"
+        pointer.write_text(name + "\n")
+        os.replace(pointer, directory / LATEST)
+        _prune(directory, keep_last, keep=name)
+    _barrier()
+    return final
+
+
+def _fault_injection(iteration: int) -> None:
+    """Drill for crash consistency: ``MEGATRON_EMU_KILL_DURING_SAVE=N`` SIGKILLs every rank
+    after the data of iteration N is written but before it is published (tests use it)."""
+    target = os.environ.get("MEGATRON_EMU_KILL_DURING_SAVE")
+    if target is not None and int(target) == iteration:
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _prune(directory: Path, keep_last: int, keep: str) -> None:
+    done = sorted(p for p in directory.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep_last]:
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_full(ckpt: Path, model: list, optimizer, pgs, layout: dict) -> dict:
+    """Restore model, optimizer and (same layout only) RNG; returns the checkpoint's meta."""
+    meta = read_meta(ckpt)
+    same_layout = meta.get("layout") == layout
+    request = _sharded(model, optimizer, pgs, with_optimizer=True, with_rng=same_layout, loading=True)
+    state = dist_checkpointing.load(request, str(ckpt))
+    _load_model(model, state)
+    optimizer.load_state_dict(state["optimizer"])
+    if same_layout:
+        _set_rng(state["rng_state"])
+    else:
+        log.info("checkpoint layout %s differs from this run's %s: model and optimizer are "
+                 "resharded, RNG streams start fresh", meta.get("layout"), layout)
+    return meta
+
+
+def load_weights(ckpt: Path, model: list, optimizer) -> dict:
+    """Model weights only (``checkpoint.load``): no optimizer, scheduler, RNG or data position."""
+    meta = read_meta(ckpt)
+    request = _sharded(model, optimizer, None, with_optimizer=False, with_rng=False, loading=True)
+    state = dist_checkpointing.load(request, str(ckpt))
+    _load_model(model, state)
+    # bf16 models keep fp32 main parameters in the optimizer: refresh them from the loaded weights.
+    optimizer.reload_model_params()
+    return meta
+
+
+def _load_model(model: list, state: dict) -> None:
+    for i, m in enumerate(model):
+        chunk = m.module if hasattr(m, "module") else m
+        chunk.load_state_dict(state[f"model{i}"], strict=True)
+
+
+def all_finite(model: list) -> bool:
+    """True when every parameter on every rank is finite (all ranks call this)."""
+    from megatron_emu.utils import device
+
+    bad = torch.zeros(1, device=device.device())
+    for m in model:
+        for p in m.parameters():
+            if not torch.isfinite(p.data).all():
+                bad += 1
+                break
+    torch.distributed.all_reduce(bad)
+    return bad.item() == 0

@@ -1,0 +1,271 @@
+"""The training job: ``train(cfg)`` runs on every rank under torchrun / srun.
+
+Per optimizer step: this rank's ``global_batch / (micro_batch x DP)`` micro-batches from the
+loader -> megatron-core's schedule (no pipelining, 1F1B or interleaved) -> grads reduced by
+megatron-core's DDP -> a finiteness check of loss and gradient norm (all ranks agree) -> clip +
+(distributed) Adam step + LR schedule, or a skipped update. Then metrics, periodic and final
+checkpoints, and the stop checks (signals, wall-clock budget).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_emu.config import derived
+from megatron_emu.config.io import dump_config
+from megatron_emu.config.schema import EmuConfig
+from megatron_emu.data import special_tokens as st
+from megatron_emu.data.loader import EmuDataLoader, LoaderSpec
+from megatron_emu.model.builder import build_model_chunks
+from megatron_emu.parallel.groups import destroy, init_distributed, init_model_parallel
+from megatron_emu.training import checkpointing as ckpt
+from megatron_emu.training.flops import step_flops
+from megatron_emu.training.metrics import MetricsWriter
+from megatron_emu.training.optimizer import build_optimizer
+from megatron_emu.training.schedule import forward_backward, wrap_ddp, zero_grads
+from megatron_emu.training.signals import StopRequest
+from megatron_emu.utils import device
+
+log = logging.getLogger("megatron_emu.train")
+
+
+class TrainingError(RuntimeError):
+    """The job cannot continue (message says why); the process exits non-zero."""
+
+
+@dataclass
+class Progress:
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_total: int = 0
+    consecutive_skips: int = 0
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("megatron_emu").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    for noisy in ("megatron.core", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if rank else logging.WARNING)
+
+
+def _layout(cfg: EmuConfig, dp: int) -> dict:
+    p = cfg.parallel
+    return {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
+            "vpp": p.virtual_pipeline_model_parallel_size, "dp": dp}
+
+
+class Trainer:
+    def __init__(self, cfg: EmuConfig):
+        self.cfg = cfg
+        init_distributed()
+        self.rank = torch.distributed.get_rank()
+        _setup_logging(self.rank)
+        self.pgs = init_model_parallel(cfg)
+        self.dev = device.device()
+        self.dp = torch.distributed.get_world_size(self.pgs.dp)
+        self.dp_rank = torch.distributed.get_rank(self.pgs.dp)
+        self.pp_rank = torch.distributed.get_rank(self.pgs.pp)
+        self.pp_last = self.pp_rank == torch.distributed.get_world_size(self.pgs.pp) - 1
+        self.num_micro = derived.num_microbatches(cfg, self.dp)
+        self.dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
+        self.layout = _layout(cfg, self.dp)
+        self._summary()
+        chunks = build_model_chunks(cfg, self.pgs)
+        self.model = wrap_ddp(cfg, chunks, self.pgs)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.pgs)
+        spec = LoaderSpec.from_config(cfg, self.dp_rank, self.dp, decode_images=self.pp_rank == 0)
+        self.loader = EmuDataLoader(spec)
+        self.progress = Progress()
+        self.metrics = MetricsWriter(cfg.run.dir, enabled=self.rank == 0, log_interval=cfg.run.log_interval)
+        self.stop = StopRequest(cfg.train.exit_duration_mins)
+
+    # -- startup ---------------------------------------------------------------------------
+    def _summary(self) -> None:
+        if self.rank != 0:
+            return
+        from megatron_emu.planner import format_plan, plan
+
+        Path(self.cfg.run.dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.cfg.run.dir) / "config.yaml").write_text(dump_config(self.cfg))
+        log.info("layout: world %d = TP %d x PP %d x DP %d%s; %d micro-batches of %d per step; device %s",
+                 torch.distributed.get_world_size(), self.layout["tp"], self.layout["pp"], self.dp,
+                 f" (virtual PP {self.layout['vpp']})" if self.layout["vpp"] else "", self.num_micro,
+                 self.cfg.train.micro_batch_size, self.dev)
+        log.info("model plan:\n%s", format_plan(plan(self.cfg, self.dp)))
+
+    def resume_or_init(self) -> None:
+        ck = self.cfg.checkpoint
+        if ck.dir:
+            ckpt.cleanup_partial(ck.dir)
+            found = ckpt.resolve(ck.dir)
+            if found is not None:
+                meta = ckpt.read_meta(found)
+                ckpt.check_model_matches(meta, self.cfg, found)
+                ckpt.load_full(found, self.model, self.optimizer, self.pgs, self.layout)
+                self.scheduler.load_state_dict(meta["scheduler"])
+                self.loader.load_state_dict(meta["data"])
+                self.progress.__dict__.update(Progress(**meta["progress"]).__dict__)
+                log.info("resumed from %s: iteration %d, %d samples consumed", found,
+                         self.progress.iteration, self.progress.consumed_samples)
+                return
+        if ck.load:
+            found = ckpt.resolve(ck.load)
+            if found is None:
+                raise TrainingError(f"checkpoint.load: no checkpoint at {ck.load}")
+            ckpt.check_model_matches(ckpt.read_meta(found), self.cfg, found)
+            ckpt.load_weights(found, self.model, self.optimizer)
+            log.info("initialised weights from %s (optimizer, schedule and data start fresh)", found)
+
+    # -- one step --------------------------------------------------------------------------
+    def _microbatches(self) -> tuple[list, int]:
+        batches, images = [], 0
+        for _ in range(self.num_micro):
+            b = next(self.loader)
+            images += int((b.tokens == st.IMG_ID).sum())
+            batches.append(b.to_model(self.dev, self.dtype))
+        return batches, images
+
+    def _reduce_losses(self, reports: list[dict]) -> list[float]:
+        """Mean loss, lm_loss, reg_loss of the global batch, on every rank."""
+        vals = torch.zeros(3, dtype=torch.float64, device=self.dev)
+        if reports:
+            for i, k in enumerate(("loss", "lm_loss", "reg_loss")):
+                vals[i] = torch.stack([r[k].double() for r in reports]).mean()
+        torch.distributed.all_reduce(vals, group=self.pgs.pp)  # only the last stage has them
+        torch.distributed.all_reduce(vals, group=self.pgs.dp)
+        return (vals / self.dp).tolist()
+
+    def step(self) -> dict:
+        cfg, p = self.cfg, self.progress
+        t0 = time.perf_counter()
+        batches, images = self._microbatches()
+        zero_grads(self.model)
+        self.optimizer.zero_grad()
+        poison = (p.iteration + 1) in cfg.train.inject_nan_iterations
+        reports = forward_backward(cfg, self.model, batches, poison=poison)
+        loss, lm_loss, reg_loss = self._reduce_losses(reports)
+        self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
+        ok = all(math.isfinite(v) for v in (loss, lm_loss, reg_loss, grad_norm))
+        if ok:
+            # The schedule counts updates: update k (1-based) uses lr(k), so warmup starts above 0.
+            self.scheduler.step(increment=1)
+            self.optimizer.clip_grad_norm(cfg.train.clip_grad)
+            self.optimizer.step_with_ready_grads()
+            p.consecutive_skips = 0
+        else:
+            p.skipped_total += 1
+            p.consecutive_skips += 1
+        lr = self.optimizer.param_groups[0]["lr"]
+        device.synchronize()
+        dt = time.perf_counter() - t0
+        p.iteration += 1
+        p.consumed_samples += cfg.train.global_batch_size
+        n_img = torch.tensor([images], dtype=torch.float64, device=self.dev)
+        torch.distributed.all_reduce(n_img, group=self.pgs.dp)
+        world = torch.distributed.get_world_size()
+        flops = step_flops(cfg, cfg.train.global_batch_size, int(n_img.item()))
+        tflops = flops / dt / world / 1e12
+        peak = device.peak_tflops(cfg.model.params_dtype, fp8=cfg.train.fp8 is not None)
+        record = {
+            "step": p.iteration, "train_iters": cfg.train.train_iters, "loss": loss, "lm_loss": lm_loss,
+            "reg_loss": reg_loss, "grad_norm": grad_norm, "lr": lr,
+            "consumed_samples": p.consumed_samples,
+            "tokens_per_s": cfg.train.global_batch_size * cfg.train.seq_length / dt,
+            "images_per_s": n_img.item() / dt, "tflops_per_gpu": tflops,
+            "mfu": None if peak is None else tflops / peak, "memory_gib": _memory_gib(),
+            "step_time_s": dt, "skipped": not ok, "skipped_total": p.skipped_total,
+        }
+        self.metrics.write(record)
+        if p.consecutive_skips >= cfg.train.max_consecutive_skips:
+            raise TrainingError(
+                f"{p.consecutive_skips} consecutive steps had a non-finite loss or gradient "
+                f"(train.max_consecutive_skips={cfg.train.max_consecutive_skips}); stopping without "
+                f"saving. The last good checkpoint is in {cfg.checkpoint.dir}; lower train.lr or "
+                f"inspect the data around consumed sample {p.consumed_samples}")
+        return record
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save(self) -> None:
+        cfg = self.cfg
+        if not cfg.checkpoint.dir:
+            return
+        if not ckpt.all_finite(self.model):
+            raise TrainingError("the model has non-finite parameters; refusing to checkpoint it")
+        meta = {"iteration": self.progress.iteration, "progress": asdict(self.progress),
+                "consumed_samples": self.progress.consumed_samples,
+                "scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(),
+                "layout": self.layout, "config": _config_dict(cfg)}
+        t0 = time.perf_counter()
+        path = ckpt.save(cfg.checkpoint.dir, self.model, self.optimizer, self.pgs, meta, cfg.checkpoint.keep_last)
+        log.info("saved checkpoint %s (%.1f s)", path, time.perf_counter() - t0)
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> int:
+        self.resume_or_init()
+        cfg, p = self.cfg, self.progress
+        if p.iteration >= cfg.train.train_iters:
+            log.info("already trained %d of %d iterations; nothing to do", p.iteration, cfg.train.train_iters)
+            return 0
+        saved_at = p.iteration
+        while p.iteration < cfg.train.train_iters:
+            self.step()
+            reason = self.stop.should_stop(self.dev)
+            if not reason and cfg.train.exit_interval and p.iteration % cfg.train.exit_interval == 0 \
+                    and p.iteration < cfg.train.train_iters:
+                reason = f"train.exit_interval ({cfg.train.exit_interval}) reached"
+            due = p.iteration % cfg.checkpoint.save_interval == 0
+            last = p.iteration == cfg.train.train_iters and cfg.checkpoint.save_at_end
+            if due or last or reason:
+                self.save()
+                saved_at = p.iteration
+            if reason:
+                log.info("stopping at iteration %d: %s; resume by re-running the same command",
+                         p.iteration, reason)
+                return 0
+        if saved_at != p.iteration:
+            log.info("finished without a final checkpoint (checkpoint.save_at_end is false)")
+        log.info("training finished: %d iterations, %d skipped; metrics in %s",
+                 p.iteration, p.skipped_total, self.metrics.path)
+        return 0
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.loader.close()
+        self.stop.restore()
+
+
+def _config_dict(cfg: EmuConfig) -> dict:
+    return asdict(cfg)
+
+
+def _memory_gib() -> float | None:
+    gib = device.max_memory_gib()
+    if gib is not None:
+        return gib
+    try:
+        import psutil
+        return psutil.Process(os.getpid()).memory_info().rss / 2**30
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def train(cfg: EmuConfig) -> int:
+    """Run the job on this rank; returns the exit code."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    except (TrainingError, ckpt.CheckpointError) as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        trainer.close()
+        destroy()

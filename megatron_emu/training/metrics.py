@@ -1,0 +1,79 @@
+"""What the user sees: one log line per interval, ``metrics.jsonl`` and TensorBoard events.
+
+Only global rank 0 writes; every value it writes has already been reduced over the ranks that
+hold it (losses from the last pipeline stage, averaged over data-parallel ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("megatron_emu.train")
+
+
+class MetricsWriter:
+    """Appends one JSON object per optimizer step; mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool, log_interval: int = 1):
+        self.enabled, self.log_interval = enabled, max(1, log_interval)
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        except ImportError:  # pragma: no cover - tensorboard is a dependency
+            log.warning("tensorboard is not installed: no event files (metrics.jsonl still written)")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        # Keep non-finite losses visible in the JSON as strings ("nan"), not as invalid JSON.
+        for k, v in record.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                clean[k] = str(v)
+        self._file.write(json.dumps(clean) + "\n")
+        if self._tb is not None:
+            step = record["step"]
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) \
+                        and math.isfinite(float(v)):
+                    self._tb.add_scalar(f"train/{k}", v, step)
+        if record["step"] % self.log_interval == 0 or record.get("skipped"):
+            log.info(format_line(record))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _fmt(v: Optional[float], spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_line(r: dict) -> str:
+    mem = r.get("memory_gib")
+    parts = [f"step {r['step']:>6d}/{r['train_iters']}",
+             f"loss {_fmt(r['loss'], '.4f')}", f"lm {_fmt(r['lm_loss'], '.4f')}",
+             f"reg {_fmt(r['reg_loss'], '.4f')}", f"lr {r['lr']:.2e}",
+             f"gnorm {_fmt(r['grad_norm'], '.3f')}", f"{r['tokens_per_s']:.0f} tok/s",
+             f"{r['images_per_s']:.1f} img/s", f"{r['tflops_per_gpu']:.3g} TFLOP/s/GPU"]
+    if r.get("mfu") is not None:
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    if mem is not None:
+        parts.append(f"mem {mem:.1f} GiB")
+    parts.append(f"{r['step_time_s']:.2f} s/step")
+    if r.get("skipped"):
+        parts.append("SKIPPED (non-finite loss or gradient)")
+    return " | ".join(parts)
