@@ -30,6 +30,7 @@ setup(
         "pyyaml",
         "safetensors",
         "sentencepiece",
+        "tensorboard",
         "tqdm",
     ],
     extras_require={

@@ -412,3 +412,26 @@ def test_data_path_accepts_one_directory_or_a_blend():
     with pytest.raises(ConfigError) as info:
         load_config(TINY, ["data.decoder=turbo"])
     assert any("data.decoder" in e for e in info.value.errors)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_stage_presets_follow_the_paper_and_fit_the_recommended_cluster(stage):
+    from dataclasses import replace
+
+    from megatron_emu.planner import plan
+
+    cfg = load_config(BIG.parent / f"emu2_37b_stage{stage}.yaml")
+    assert config_errors(cfg, world_size=256) == []  # 32 nodes x 8 GPUs
+    big = load_config(BIG)
+    assert replace(cfg.model, loss=big.model.loss) == big.model  # the same Emu2-37B
+    tr = cfg.train
+    assert (tr.adam_beta1, tr.adam_beta2, tr.adam_eps, tr.clip_grad) == (0.9, 0.95, 1e-6, 5.0)
+    if stage == 1:
+        assert cfg.model.loss.reg_weight == 0.0 and tr.freeze == []
+        assert (tr.module_lr.adapter, tr.module_lr.lm, tr.module_lr.vision) == (1e-4, 3e-5, 5e-5)
+        assert tr.lr_warmup_fraction == 0.02 and cfg.data.pair_image_first_prob == 1.0
+    else:
+        assert cfg.model.loss.reg_weight == 1.0 and tr.freeze == ["vision.*"]
+        assert tr.lr == 1e-5 and tr.lr_warmup_fraction == 0.1 and cfg.data.pair_image_first_prob == 0.5
+    report = plan(cfg)
+    assert report["memory_gib_per_gpu"] < 80 * 0.9, report["memory_per_stage"]
