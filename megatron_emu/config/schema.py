@@ -174,6 +174,8 @@ class CheckpointConfig:
     keep_last: int = 3
     # Save a final checkpoint when train_iters is reached.
     save_at_end: bool = True
+    # GPU only: copy to host memory and write in the background while training goes on.
+    async_save: bool = False
 
 
 @dataclass(kw_only=True)

@@ -225,8 +225,15 @@ def data_path_errors(cfg: EmuConfig) -> list[str]:
         meta_file = Path(directory) / "dataset.json"
         if not meta_file.is_file():
             errors.append(f"data.path[{i}]: {directory!r} is not a preprocessed dataset (no dataset.json)")
-        elif cfg.data.tokenizer:
-            errors += _tokenizer_matches(i, meta_file, cfg.data.tokenizer)
+        else:
+            import json
+
+            size = json.loads(meta_file.read_text()).get("image_size")
+            if size != cfg.model.vision.image_size:
+                errors.append(f"data.path[{i}]: images in {directory} are {size} px but "
+                              f"model.vision.image_size is {cfg.model.vision.image_size}")
+            if cfg.data.tokenizer:
+                errors += _tokenizer_matches(i, meta_file, cfg.data.tokenizer)
     return errors
 
 

@@ -16,6 +16,7 @@ Tensors are read back with torch's ``weights_only`` loader; nothing here unpickl
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -128,22 +129,40 @@ def cleanup_partial(directory: str | Path) -> None:
     _barrier()
 
 
-def save(directory: str | Path, model: list, optimizer, pgs, meta: dict, keep_last: int) -> Path:
-    """Write ``iter_NNNNNNN`` atomically and point ``latest`` at it (all ranks call this)."""
+def save(directory: str | Path, model: list, optimizer, pgs, meta: dict, keep_last: int,
+         async_queue=None) -> Path:
+    """Write ``iter_NNNNNNN`` atomically and point ``latest`` at it (all ranks call this).
+
+    With ``async_queue`` (megatron-core's ``AsyncCallsQueue``, GPU only) the tensors are copied
+    to host memory now and written in the background; publishing (rename + ``latest``) runs in
+    the queue's finalisation once every rank has finished writing.
+    """
     directory = Path(directory)
     name = iter_name(meta["iteration"])
-    final, tmp = directory / name, directory / f"{name}.tmp"
-    rank = torch.distributed.get_rank()
-    if rank == 0:
+    tmp = directory / f"{name}.tmp"
+    if torch.distributed.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
     state = _sharded(model, optimizer, pgs, with_optimizer=True, with_rng=True, loading=False)
+    publish = functools.partial(_publish, directory, name, json.dumps(meta, indent=1) + "\n", keep_last)
+    if async_queue is not None:
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+        request.finalize_fns.append(publish)
+        async_queue.schedule_async_request(request)
+        return directory / name
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     _fault_injection(meta["iteration"])
-    if rank == 0:
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    publish()
+    return directory / name
+
+
+def _publish(directory: Path, name: str, meta_text: str, keep_last: int) -> None:
+    """Rank 0: meta file, rename ``.tmp`` into place, then ``latest``; every rank waits."""
+    if torch.distributed.get_rank() == 0:
+        final, tmp = directory / name, directory / f"{name}.tmp"
+        (tmp / META_FILE).write_text(meta_text)
         if final.exists():  # re-saving the same iteration (e.g. after a crash before `latest`)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -152,7 +171,6 @@ def save(directory: str | Path, model: list, optimizer, pgs, meta: dict, keep_la
         os.replace(pointer, directory / LATEST)
         _prune(directory, keep_last, keep=name)
     _barrier()
-    return final
 
 
 def _fault_injection(iteration: int) -> None:

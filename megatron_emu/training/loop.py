@@ -82,10 +82,19 @@ class Trainer:
         self.model = wrap_ddp(cfg, chunks, self.pgs)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.pgs)
         spec = LoaderSpec.from_config(cfg, self.dp_rank, self.dp, decode_images=self.pp_rank == 0)
-        self.loader = EmuDataLoader(spec)
+        try:
+            self.loader = EmuDataLoader(spec)
+        except ValueError as e:  # bad dataset directory, image size, decoder choice
+            raise TrainingError(f"data: {e}") from None
         self.progress = Progress()
         self.metrics = MetricsWriter(cfg.run.dir, enabled=self.rank == 0, log_interval=cfg.run.log_interval)
         self.stop = StopRequest(cfg.train.exit_duration_mins)
+        self.async_queue = None
+        if cfg.checkpoint.async_save:
+            if not device.has_cuda():
+                raise TrainingError("checkpoint.async_save needs a GPU (CPU runs save synchronously)")
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+            self.async_queue = AsyncCallsQueue()
 
     # -- startup ---------------------------------------------------------------------------
     def _summary(self) -> None:
@@ -205,8 +214,10 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(),
                 "layout": self.layout, "config": _config_dict(cfg)}
         t0 = time.perf_counter()
-        path = ckpt.save(cfg.checkpoint.dir, self.model, self.optimizer, self.pgs, meta, cfg.checkpoint.keep_last)
-        log.info("saved checkpoint %s (%.1f s)", path, time.perf_counter() - t0)
+        path = ckpt.save(cfg.checkpoint.dir, self.model, self.optimizer, self.pgs, meta,
+                         cfg.checkpoint.keep_last, async_queue=self.async_queue)
+        log.info("%s checkpoint %s (%.1f s)", "scheduled" if self.async_queue else "saved", path,
+                 time.perf_counter() - t0)
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> int:
@@ -218,6 +229,8 @@ class Trainer:
         saved_at = p.iteration
         while p.iteration < cfg.train.train_iters:
             self.step()
+            if self.async_queue is not None:
+                self.async_queue.maybe_finalize_async_calls(blocking=False)
             reason = self.stop.should_stop(self.dev)
             if not reason and cfg.train.exit_interval and p.iteration % cfg.train.exit_interval == 0 \
                     and p.iteration < cfg.train.train_iters:
@@ -238,6 +251,9 @@ class Trainer:
         return 0
 
     def close(self) -> None:
+        if self.async_queue is not None:  # publish what is still being written
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
+            self.async_queue.close()
         self.metrics.close()
         self.loader.close()
         self.stop.restore()
@@ -260,12 +276,14 @@ def _memory_gib() -> float | None:
 
 def train(cfg: EmuConfig) -> int:
     """Run the job on this rank; returns the exit code."""
-    trainer = Trainer(cfg)
+    trainer = None
     try:
+        trainer = Trainer(cfg)
         return trainer.run()
     except (TrainingError, ckpt.CheckpointError) as e:
         log.error("%s", e)
         return 1
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
         destroy()
