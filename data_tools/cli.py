@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--caption-field", help="caption column/JSON field (laion, img2dataset)")
     pp.add_argument("--max-pixels", type=int, default=8192 * 8192, help="larger images are skipped")
     pp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pp.add_argument("--num-tasks", type=int, default=1,
+                    help="array jobs: total tasks; each processes every num-tasks-th shard, no merge")
+    pp.add_argument("--task-index", type=int, default=None,
+                    help="array jobs: this task (default $SLURM_ARRAY_TASK_ID, else 0)")
+    pp.add_argument("--merge-only", action="store_true",
+                    help="array jobs: write index.npy / dataset.json / summary.json once all shards exist")
 
     sm = sub.add_parser("samples", help="write real sample photos+captions in every input format")
     sm.add_argument("--out", required=True, help="output directory")
@@ -82,9 +88,14 @@ def _preprocess(args) -> int:
     opts = Options(format=args.format, inputs=args.input, tokenizer=args.tokenizer, out=args.out,
                    images=args.images, image_size=args.image_size, workers=args.workers,
                    shard_size=args.shard_size, caption_field=args.caption_field,
-                   max_pixels=args.max_pixels, progress=not args.no_progress)
+                   max_pixels=args.max_pixels, progress=not args.no_progress,
+                   num_tasks=args.num_tasks, merge_only=args.merge_only,
+                   task_index=args.task_index if args.task_index is not None
+                   else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")) if args.num_tasks > 1 else 0)
     summary = run(opts)
     print(json.dumps(summary, indent=2))
+    if args.num_tasks > 1 and not args.merge_only:
+        return 0  # one part of an array job; the merge step judges the whole
     if summary["documents"] == 0:
         print("megatron-emu-data preprocess: no valid document was produced", file=sys.stderr)
         return 1

@@ -48,6 +48,11 @@ class Options:
     caption_field: Optional[str] = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
+    # Array jobs: this task processes the units k with k % num_tasks == task_index and skips the
+    # merge; a final `merge_only` run writes index/summary once every shard exists.
+    num_tasks: int = 1
+    task_index: int = 0
+    merge_only: bool = False
 
     def fingerprint(self, tokenizer_sha: str) -> str:
         """What the shard bytes depend on besides the unit."""
@@ -207,21 +212,32 @@ def run(opts: Options) -> dict:
     fmt = sources.get_format(opts.format)
     if opts.shard_size < 1 or opts.workers < 1 or opts.image_size < 14:
         raise ValueError("--shard-size and --workers must be >= 1 and --image-size >= 14")
+    if not 0 <= opts.task_index < opts.num_tasks:
+        raise ValueError(f"--task-index {opts.task_index} must be in [0, --num-tasks {opts.num_tasks})")
     if opts.format != "img2dataset":
         from data_tools.sources import records
         records.STORE = records.ImageStore(opts.images)
     units = fmt.plan(opts.inputs, opts)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("shard-*"):  # left by an earlier run with more units
-        if stale.suffix in (".tar", ".json") and int(stale.stem.split("-")[1]) >= len(units):
-            stale.unlink()
+    if opts.num_tasks == 1:
+        for stale in out.glob("shard-*"):  # left by an earlier run with more units
+            if stale.suffix in (".tar", ".json") and int(stale.stem.split("-")[1]) >= len(units):
+                stale.unlink()
     fingerprint = opts.fingerprint(tokenizer.fingerprint())
     records: list[Optional[dict]] = [_done(out, k, u, fingerprint) for k, u in enumerate(units)]
-    todo = [(k, u, opts, fingerprint) for k, u in enumerate(units) if records[k] is None]
-    log.info("%s: %d input unit(s), %d already done, %d to process with %d worker(s)",
-             opts.format, len(units), len(units) - len(todo), len(todo), opts.workers)
-    bar = _progress(len(units), len(units) - len(todo), opts.progress)
+    if opts.merge_only:
+        missing = [sf.SHARD_PATTERN.format(k) for k, r in enumerate(records) if r is None]
+        if missing:
+            raise ValueError(f"cannot merge: {len(missing)} shard(s) not done yet, e.g. {missing[:3]} "
+                             f"(re-run the array tasks that made them)")
+        return merge(out, records, tokenizer, opts)
+    mine = [k for k in range(len(units)) if k % opts.num_tasks == opts.task_index]
+    todo = [(k, units[k], opts, fingerprint) for k in mine if records[k] is None]
+    part = f" (array task {opts.task_index} of {opts.num_tasks}: {len(mine)})" if opts.num_tasks > 1 else ""
+    log.info("%s: %d input unit(s)%s, %d already done, %d to process with %d worker(s)",
+             opts.format, len(units), part, len(mine) - len(todo), len(todo), opts.workers)
+    bar = _progress(len(mine), len(mine) - len(todo), opts.progress)
     if opts.workers == 1 or len(todo) <= 1:
         results = map(process_unit, todo)
         _consume(results, records, units, bar)
@@ -229,6 +245,12 @@ def run(opts: Options) -> dict:
         with mp.get_context("fork").Pool(min(opts.workers, len(todo))) as pool:
             _consume(pool.imap_unordered(process_unit, todo), records, units, bar)
     bar.close()
+    if opts.num_tasks > 1:  # the merge step writes index/summary once all tasks are done
+        done = [r for k, r in enumerate(records) if k in set(mine)]
+        return {"task": opts.task_index, "num_tasks": opts.num_tasks, "shards": len(done),
+                "documents": sum(r["documents"] for r in done), "images": sum(r["images"] for r in done),
+                "text_tokens": sum(r["text_tokens"] for r in done),
+                "skipped": dict(sum((Counter(r["skipped"]) for r in done), Counter()))}
     return merge(out, records, tokenizer, opts)
 
 

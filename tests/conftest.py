@@ -51,3 +51,9 @@ def datasets(samples, tokenizer_dir, tmp_path_factory):
            for fmt in ("img2dataset", "mmc4", "jsonl", "laion", "obelics")}
     logging.getLogger("megatron_emu").setLevel(logging.NOTSET)
     return out
+
+
+@pytest.fixture(scope="session")
+def train_data(datasets, tokenizer_dir):
+    """A 3:1 blend of pairs and MMC4 documents, and the tokenizer that made them."""
+    return [f"3:{datasets['img2dataset'][0]}", f"1:{datasets['mmc4'][0]}"], tokenizer_dir

@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print parameters per component/stage and memory per GPU, then exit")
     p.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
+    p.add_argument("--get", metavar="KEY", help="print one resolved config value (e.g. run.dir) and exit "
+                   "(for batch scripts)")
     return p
 
 
@@ -35,10 +37,21 @@ def main(argv: list[str] | None = None) -> int:
     world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
     try:
         cfg = load_config(args.config, args.overrides)
-        validate(cfg, None if args.dry_run else world)
+        validate(cfg, None if (args.dry_run or args.get) else world)
     except ConfigError as e:
         print(f"megatron-emu-train: {e}", file=sys.stderr)
         return 2
+    if args.get:
+        from megatron_emu.config.io import to_dict
+
+        value = to_dict(cfg)
+        for part in args.get.split("."):
+            if not isinstance(value, dict) or part not in value:
+                print(f"megatron-emu-train: --get {args.get}: no such config key", file=sys.stderr)
+                return 2
+            value = value[part]
+        print(json.dumps(value) if isinstance(value, (dict, list)) else value)
+        return 0
     if args.dry_run:
         from megatron_emu.planner import format_plan, plan
 

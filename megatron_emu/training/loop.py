@@ -225,6 +225,7 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         if p.iteration >= cfg.train.train_iters:
             log.info("already trained %d of %d iterations; nothing to do", p.iteration, cfg.train.train_iters)
+            self._exit_status("finished", "train.train_iters reached")
             return 0
         saved_at = p.iteration
         while p.iteration < cfg.train.train_iters:
@@ -243,12 +244,27 @@ class Trainer:
             if reason:
                 log.info("stopping at iteration %d: %s; resume by re-running the same command",
                          p.iteration, reason)
+                self._exit_status("stopped", reason)
                 return 0
         if saved_at != p.iteration:
             log.info("finished without a final checkpoint (checkpoint.save_at_end is false)")
         log.info("training finished: %d iterations, %d skipped; metrics in %s",
                  p.iteration, p.skipped_total, self.metrics.path)
+        self._exit_status("finished", "train.train_iters reached")
         return 0
+
+    def _exit_status(self, status: str, reason: str) -> None:
+        """``run.dir/exit_status.json``: why the job ended (batch scripts requeue on "stopped"
+        by a signal or time budget, not on "finished")."""
+        if self.rank == 0:
+            import json
+
+            record = {"status": status, "reason": reason, "iteration": self.progress.iteration,
+                      "train_iters": self.cfg.train.train_iters}
+            path = Path(self.cfg.run.dir) / "exit_status.json"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record) + "\n")
+            os.replace(tmp, path)
 
     def close(self) -> None:
         if self.async_queue is not None:  # publish what is still being written
@@ -282,6 +298,8 @@ def train(cfg: EmuConfig) -> int:
         return trainer.run()
     except (TrainingError, ckpt.CheckpointError) as e:
         log.error("%s", e)
+        if trainer is not None:
+            trainer._exit_status("failed", str(e).splitlines()[0])
         return 1
     finally:
         if trainer is not None:
