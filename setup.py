@@ -5,9 +5,43 @@ MEGATRON_EMU_BUILD_CUDA=1; MEGATRON_EMU_BUILD_CUDA=0 skips it). A missing extens
 to a pure-torch path at run time.
 """
 
+import os
+import sys
+
 from setuptools import find_packages, setup
 
 SAMPLES = ["scikit-image", "scikit-learn", "matplotlib"]
+
+
+
+def extensions():
+    """The CPU extension always (when torch is importable), the CUDA one when torch has CUDA
+    and a toolkit is found; MEGATRON_EMU_BUILD_CUDA=0/1 overrides. Without torch in the build
+    environment (an isolated build: use --no-build-isolation) nothing is compiled and the
+    pure-torch kernels are used at run time."""
+    try:
+        import torch
+        from torch.utils import cpp_extension as cpp
+    except ImportError:
+        print("megatron_emu: torch is not importable at build time; skipping the C++ extension "
+              "(pip install --no-build-isolation -e . builds it)", file=sys.stderr)
+        return [], {}
+    flags = ["-O3", "-fopenmp"]
+    exts = [cpp.CppExtension("megatron_emu._C", ["csrc/fused_l2/l2_loss_cpu.cpp"],
+                             extra_compile_args={"cxx": flags}, extra_link_args=["-fopenmp"])]
+    env = os.environ.get("MEGATRON_EMU_BUILD_CUDA")
+    has_cuda = torch.version.cuda is not None and cpp.CUDA_HOME is not None
+    if env == "1" and not has_cuda:
+        sys.exit(f"MEGATRON_EMU_BUILD_CUDA=1 but torch {torch.__version__} has no CUDA "
+                 f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp.CUDA_HOME})")
+    if env != "0" and has_cuda:
+        exts.append(cpp.CUDAExtension(
+            "megatron_emu._C_cuda", ["csrc/fused_l2/l2_loss_cuda.cu", "csrc/fused_l2/cuda_module.cpp"],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]}))
+    return exts, {"build_ext": cpp.BuildExtension.with_options(use_ninja=True)}
+
+
+EXT_MODULES, CMDCLASS = extensions()
 
 setup(
     name="megatron_emu",
@@ -42,6 +76,8 @@ setup(
                  *SAMPLES],
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-dali-cuda130"],
     },
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
     entry_points={
         "console_scripts": [
             "megatron-emu-train=megatron_emu.cli.train:main",

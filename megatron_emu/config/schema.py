@@ -66,6 +66,14 @@ class LossConfig:
 
     lm_weight: float = 1.0
     reg_weight: float = 1.0
+    # Text head cross-entropy: "plain" (megatron-core vocab-parallel CE), "fused" (megatron-core's
+    # fused vocab-parallel CE: softmax and gradient in place, one all-reduce less) or
+    # "linear_chunked" (torch's chunked linear + CE: never holds the [tokens, vocab] logits;
+    # TP = 1 only). All give the same numbers.
+    lm_ce_impl: Literal["plain", "fused", "linear_chunked"] = "fused"
+    # Regression head: "fused" (chunked linear + MSE, megatron_emu.ops.fused_linear_mse: no
+    # [rows, width] prediction kept) or "naive" (project_down on every position, then MSE).
+    regression_impl: Literal["fused", "naive"] = "fused"
     ce_ignore_tokens: list[str] = field(
         default_factory=lambda: ["[PAD]", "[IMG]", "[/IMG]", "<image>"]
     )

@@ -196,6 +196,12 @@ def _train(errors: list[str], cfg: EmuConfig) -> None:
         errors.append("parallel.overlap_param_gather needs parallel.use_distributed_optimizer")
 
 
+def _loss(errors: list[str], cfg: EmuConfig) -> None:
+    if cfg.model.loss.lm_ce_impl == "linear_chunked" and cfg.parallel.tensor_model_parallel_size > 1:
+        errors.append("model.loss.lm_ce_impl=linear_chunked needs parallel.tensor_model_parallel_size 1 "
+                      "(torch's chunked linear CE holds the whole vocabulary); use fused under TP")
+
+
 def _data(errors: list[str], cfg: EmuConfig) -> None:
     d = cfg.data
     if not 0.0 <= d.pair_image_first_prob <= 1.0:
@@ -286,6 +292,7 @@ def config_errors(cfg: EmuConfig, world_size: Optional[int] = None) -> list[str]
     _train(errors, cfg)
     _freeze(errors, cfg)
     _data(errors, cfg)
+    _loss(errors, cfg)
     return errors
 
 

@@ -100,7 +100,9 @@ class Emu2Model(MegatronModule):
         )
         if post_process:
             self.heads = Emu2Heads(lm_config, lm.vocab_size, derived.padded_vocab_size(lm),
-                                   cfg.model.vision.width, pg_collection)
+                                   cfg.model.vision.width, pg_collection,
+                                   lm_ce_impl=cfg.model.loss.lm_ce_impl,
+                                   regression_impl=cfg.model.loss.regression_impl)
         ignore = [special_tokens.token_id(t) for t in cfg.model.loss.ce_ignore_tokens]
         self.register_buffer("_ce_ignore", torch.tensor(ignore, dtype=torch.long), persistent=False)
 
