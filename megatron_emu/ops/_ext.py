@@ -26,9 +26,9 @@ def _load() -> dict:
         log.info("megatron_emu C++ extension not built (%s): using the pure-torch l2 kernel", e)
     try:
         import megatron_emu._C_cuda  # noqa: F401  (registers the CUDA kernel)
-        _STATE["cuda"] = True
+        _STATE["accelerator"] = True
     except ImportError:
-        _STATE["cuda"] = False
+        _STATE["accelerator"] = False
     if _STATE["cpu"]:
         _register_fake()
     return _STATE
@@ -44,7 +44,7 @@ def _register_fake() -> None:
 def has_extension(device: torch.device | str = "cpu") -> bool:
     state = _load()
     # CPU tensors use the C++ kernel; accelerator tensors the CUDA kernel.
-    return state["cpu"] if torch.device(device).type == "cpu" else state["cuda"]
+    return state["cpu"] if torch.device(device).type == "cpu" else state["accelerator"]
 
 
 def l2_loss_grad_torch(pred: torch.Tensor, target: torch.Tensor, grad_scale: float) -> torch.Tensor:
