@@ -1,15 +1,74 @@
-"""``megatron-emu-generate``: not implemented yet (its own issue); answers --help."""
+"""``megatron-emu-generate``: text generation after an interleaved prompt, on CPU or GPU.
+
+  megatron-emu-generate (--ckpt DIR | --hf HFDIR) (--prompt TEXT [--image PATH ...] | --prompt-ids 1,2,3)
+                        [--max-new-tokens N] [--greedy] [--json]
+
+``<image>`` in --prompt marks where each --image goes (in order); --json prints
+{"prompt_ids": [...], "output_ids": [...], "text": "..."} (output_ids: the new tokens only).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 
 
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-emu-generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="megatron_emu checkpoint (checkpoint.dir, an iter dir, or a converted dir)")
+    src.add_argument("--hf", help="Hugging Face Emu2 directory")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text; each <image> is replaced by the next --image")
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids (used as is)")
+    p.add_argument("--image", action="append", default=[], help="image file for the next <image>")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def _run(rank: int, args) -> dict:
+    from megatron_emu.data.tokenizer import Emu2Tokenizer
+    from megatron_emu.inference.generate import generate, load_images, load_model, prompt_ids
+
+    model, cfg, tok_dir = load_model(ckpt=args.ckpt, hf=args.hf)
+    tok_dir = args.tokenizer or tok_dir
+    tokenizer = Emu2Tokenizer(tok_dir) if tok_dir else None
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise ValueError("no tokenizer: pass --tokenizer DIR")
+        ids, n_images = prompt_ids(args.prompt, tokenizer, cfg.model.adapter.n_query)
+        if n_images != len(args.image):
+            raise ValueError(f"the prompt has {n_images} <image> placeholder(s) but {len(args.image)} --image")
+    else:
+        ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+    images = load_images(args.image, cfg.model.vision.image_size) if args.image else None
+    out = generate(model, ids, images, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+                   top_k=args.top_k, seed=args.seed)
+    text = tokenizer.decode(out) if tokenizer else ""
+    return {"prompt_ids": ids, "output_ids": out, "text": text}
+
+
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(prog="megatron-emu-generate", description=__doc__).parse_args(argv)
-    print("megatron-emu-generate: not implemented yet", file=sys.stderr)
-    return 2
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    from megatron_emu.parallel.local_launch import run_local
+
+    try:
+        (result,) = run_local(1, _run, args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"megatron-emu-generate: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else result["text"])
+    return 0
 
 
 if __name__ == "__main__":

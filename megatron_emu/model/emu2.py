@@ -173,6 +173,20 @@ class Emu2Model(MegatronModule):
             feats = tail.reshape(-1)[: n_visual * width].reshape(n_visual, width)
         return self.losses(hidden, batch, feats.detach())
 
+    @torch.no_grad()
+    def forward_logits(self, tokens: torch.Tensor, images: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Inference on a TP1/PP1 model: tokens ``[b, s]`` (+ normalised images ``[n, 3, H, W]``,
+        one per ``[IMG]``) -> next-token logits ``[b, s, vocab]`` (vocabulary padding trimmed)."""
+        if not (self.pre_process and self.post_process) or self.config.sequence_parallel:
+            raise RuntimeError("forward_logits needs the whole model on one rank (TP1, PP1, no SP)")
+        batch = multimodal.Emu2Batch(tokens=tokens, labels=tokens, loss_mask=torch.ones_like(tokens),
+                                     images=images)
+        hidden, _ = self._embed(batch)
+        hidden = self.decoder(hidden_states=hidden, attention_mask=None,
+                              rotary_pos_emb=self.rotary_pos_emb(hidden.shape[0]))
+        logits = self.heads.logits(hidden)  # [s, b, V_padded]
+        return logits[..., : self.cfg.model.lm.vocab_size].transpose(0, 1).contiguous()
+
     def losses(self, hidden: torch.Tensor, batch: multimodal.Emu2Batch,
                targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Last stage: final hidden ``[s(/tp), b, h]`` -> scalar losses of the micro-batch."""

@@ -1,0 +1,115 @@
+"""Stream the model tensors out of a megatron_emu checkpoint, one layer at a time.
+
+A checkpoint (``iter_NNNNNNN/``) is megatron-core's torch_dist format: torch DCP files where
+every transformer layer's tensor is stored as its own chunk(s) (one per TP shard, under a
+stacked key with a leading layer axis). This reader assembles the full, unsharded tensor of one
+key (or of one layer of a stacked key) from its chunks, so memory stays at about one layer,
+whatever layout the checkpoint was saved with. No process group, no model, no optimizer state.
+Tensor chunks are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+# Checkpoint key suffixes (TE-style names megatron-core writes for the local spec too) ->
+# our module's parameter names.
+_RENAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+STACKED = ("decoder.layers.", "vision.blocks.layers.")
+
+
+class CheckpointReadError(ValueError):
+    """The directory is not a readable megatron_emu checkpoint."""
+
+
+class CheckpointReader:
+    def __init__(self, ckpt_dir: str | Path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.dir = Path(ckpt_dir)
+        if not (self.dir / ".metadata").is_file():
+            raise CheckpointReadError(f"{self.dir} has no .metadata: not a torch_dist checkpoint directory")
+        meta_file = self.dir / "megatron_emu.json"
+        self.meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        metadata = FileSystemReader(str(self.dir)).read_metadata()
+        self.shapes: dict[str, torch.Size] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self._chunks: dict[str, list] = defaultdict(list)
+        for key, md in metadata.state_dict_metadata.items():
+            if hasattr(md, "chunks") and not key.startswith(("optimizer", "rng_state")) \
+                    and "_extra_state" not in key:
+                self.shapes[key], self.dtypes[key] = md.size, md.properties.dtype
+        sizes = {(key, tuple(c.offsets)): tuple(c.sizes) for key, md in metadata.state_dict_metadata.items()
+                 if key in self.shapes for c in md.chunks}
+        for index, info in metadata.storage_data.items():
+            if index.fqn in self.shapes:
+                offsets = tuple(index.offset)
+                self._chunks[index.fqn].append((offsets, sizes[(index.fqn, offsets)], info))
+        missing = [k for k in self.shapes if not self._chunks[k]]
+        if missing:
+            raise CheckpointReadError(f"{self.dir}: no data for {missing[:3]}")
+
+    # -- names -------------------------------------------------------------------------------
+    @staticmethod
+    def is_stacked(key: str) -> bool:
+        return key.startswith(STACKED)
+
+    def num_layers(self, key: str) -> int:
+        return int(self.shapes[key][0]) if self.is_stacked(key) else 0
+
+    @staticmethod
+    def canonical_name(key: str, layer: Optional[int] = None) -> str:
+        """Checkpoint key (+ layer) -> our TP1/PP1 module's parameter name."""
+        if layer is None:
+            return key
+        prefix = next(p for p in STACKED if key.startswith(p))
+        rest = key[len(prefix):]
+        return f"{prefix}{layer}.{_RENAMES.get(rest, rest)}"
+
+    def entries(self) -> Iterator[tuple[str, str, Optional[int]]]:
+        """``(canonical name, key, layer)`` for every model tensor: stacked keys layer by layer
+        (layer-major, so one layer's tensors come together), then the others."""
+        stacked = sorted(k for k in self.shapes if self.is_stacked(k))
+        by_prefix: dict[str, list] = defaultdict(list)
+        for key in stacked:
+            by_prefix[next(p for p in STACKED if key.startswith(p))].append(key)
+        for prefix in STACKED:
+            keys = by_prefix.get(prefix, [])
+            for layer in range(max((self.num_layers(k) for k in keys), default=0)):
+                for key in keys:
+                    yield self.canonical_name(key, layer), key, layer
+        for key in sorted(k for k in self.shapes if not self.is_stacked(k)):
+            yield key, key, None
+
+    def shape(self, key: str, layer: Optional[int] = None) -> torch.Size:
+        return self.shapes[key][1:] if layer is not None else self.shapes[key]
+
+    # -- data --------------------------------------------------------------------------------
+    def read(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
+        """The full tensor of ``key`` (or of its ``layer``), assembled from the stored chunks."""
+        out = torch.empty(self.shape(key, layer), dtype=self.dtypes[key])
+        filled = 0
+        for offsets, sizes, info in self._chunks[key]:
+            if layer is not None and not offsets[0] <= layer < offsets[0] + sizes[0]:
+                continue
+            with open(self.dir / info.relative_path, "rb") as f:
+                f.seek(info.offset)
+                chunk = torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
+            if layer is not None:
+                chunk, offsets = chunk[layer - offsets[0]], offsets[1:]
+            region = out[tuple(slice(o, o + s) for o, s in zip(offsets, chunk.shape))]
+            region.copy_(chunk)
+            filled += chunk.numel()
+        if filled != out.numel():
+            raise CheckpointReadError(f"{self.dir}: {key}{'' if layer is None else f' layer {layer}'} "
+                                      f"is incomplete ({filled} of {out.numel()} elements)")
+        return out
