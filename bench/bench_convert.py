@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -49,15 +48,17 @@ def _save_random(rank: int, cfg, out: str) -> None:
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS GiB) of a child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """(wall seconds, peak RSS GiB) of ``cmd`` and its descendants, measured by a fresh wrapper
+    process whose only children they are."""
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "sys.stderr.write(r.stderr[-3000:]) if r.returncode else None; "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, max(peak, before) / 2**20  # KiB -> GiB (max over children so far)
+    return wall, int(proc.stdout.strip().splitlines()[-1]) / 2**20  # KiB -> GiB
 
 
 def main() -> int:

@@ -61,6 +61,13 @@ def get_format(name: str):
         raise ValueError(f"unknown --format {name!r}; choose from {sorted(formats)}") from None
 
 
+def unit_records(records, unit: Unit):
+    """``(index, record)`` of the unit's range ``[start, stop)`` of an iterable of records."""
+    import itertools
+
+    return itertools.islice(enumerate(records), unit.start, unit.stop)
+
+
 def iter_chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
     for start in range(0, n, size):
         yield start, min(n, start + size)

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from data_tools.sources import RawDoc, Skip, Unit, iter_chunks
+from data_tools.sources import RawDoc, Skip, Unit, iter_chunks, unit_records
 from data_tools.sources.tars import TarScan, count_groups
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -56,11 +56,7 @@ def _caption(group, handle, field: str | None) -> str:
 def read(unit: Unit, opts) -> Iterator:
     scan = TarScan(unit.path)
     with open(unit.path, "rb") as handle:
-        for i, group in enumerate(scan):
-            if i < unit.start:
-                continue
-            if unit.stop is not None and i >= unit.stop:
-                break
+        for _, group in unit_records(scan, unit):
             key = f"{Path(unit.path).stem}/{group.key}"
             ext = next((e for e in IMAGE_EXTS if e in group.members), None)
             if ext is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from data_tools.images import SkipSample
-from data_tools.sources import RawDoc, Skip, Unit, iter_chunks
+from data_tools.sources import RawDoc, Skip, Unit, iter_chunks, unit_records
 from data_tools.sources.img2dataset import expand_inputs
 from data_tools.sources.tars import UrlImageIndex
 
@@ -80,11 +80,7 @@ class _Lines:
     def read(cls, unit: Unit, opts) -> Iterator:
         base = Path(unit.path).parent
         with open(unit.path, "rb") as f:
-            for i, line in enumerate(f):
-                if i < unit.start:
-                    continue
-                if unit.stop is not None and i >= unit.stop:
-                    break
+            for i, line in unit_records(f, unit):
                 key = f"{Path(unit.path).stem}/{i:09d}"
                 try:
                     record = json.loads(line)

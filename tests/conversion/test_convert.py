@@ -134,12 +134,8 @@ def test_emu2_hf_in_agrees_with_the_independent_reference(tokenizer_dir, tmp_pat
     images = torch.randn(1, 3, cfg.model.vision.image_size, cfg.model.vision.image_size,
                          generator=torch.Generator().manual_seed(5))
     exp_logits, _, exp_vis = ref.forward(params, rcfg, tokens, images, st.IMAGE_ID)
-    for source in (str(hf), None):
-        if source is None:  # also through the converted checkpoint
-            from megatron_emu.inference.generate import load_model  # noqa: F401
-            (ours,) = run_ranks(1, _via_ckpt, str(ckpt), tokens, images)
-        else:
-            (ours,) = run_ranks(1, _our_vision_and_logits, source, tokens, images)
+    for fn, source in ((_our_vision_and_logits, str(hf)), (_via_ckpt, str(ckpt))):
+        (ours,) = run_ranks(1, fn, source, tokens, images)
         torch.testing.assert_close(ours["feats"], exp_vis.reshape(-1, exp_vis.shape[-1]), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(ours["logits"], exp_logits, rtol=1e-4, atol=1e-4)
 

@@ -84,3 +84,17 @@ def test_preprocess_array_job_matches_a_single_process_run(slurm, samples, token
         assert (single / name).read_bytes() == (tmp_path / "array" / name).read_bytes(), name
     merge_logs = list(tmp_path.glob("emu2-preprocess-merge-*.out"))
     assert merge_logs and '"documents"' in merge_logs[0].read_text()
+
+
+def test_convert_job_writes_the_hugging_face_directory(slurm, train_data, tmp_path):
+    """convert.sbatch on a training checkpoint (made by a short 4-rank run) -> HF Emu2 directory."""
+    from tests.helpers.training import tiny_args, train
+
+    data, tok = train_data
+    assert train(4, tiny_args(data, tok, tmp_path / "run", tmp_path / "ckpt", "train.train_iters=1")) == [0] * 4
+    job = slurm.sbatch(str(ROOT / "slurm" / "convert.sbatch"), "mcore-to-hf", "--ckpt", str(tmp_path / "ckpt"),
+                       "--out", str(tmp_path / "hf"), "--no-progress")
+    st = slurm.wait(job, timeout=300)
+    assert st["JobState"] == "COMPLETED", (tmp_path / f"emu2-convert-{job}.out").read_text()[-2000:]
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["EmuForCausalLM"]
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()

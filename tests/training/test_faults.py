@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -98,3 +99,12 @@ def test_world_size_must_match_the_layout(capsys, monkeypatch, train_data):
     data, tok = train_data
     assert train_main(["--config", str(TINY), "--set", f"data.path={data[0].split(':', 1)[1]}"]) == 2
     assert "world size 2" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_different_model(train_data, tmp_path):
+    data, tok = train_data
+    assert train(4, tiny_args(data, tok, tmp_path / "run", tmp_path / "ckpt", "train.train_iters=1")) == [0] * 4
+    other = tiny_args(data, tok, tmp_path / "run2", tmp_path / "ckpt", "model.lm.ffn_hidden_size=96")
+    assert train(4, other) == [1] * 4
+    status = json.loads((tmp_path / "run2" / "exit_status.json").read_text())
+    assert status["status"] == "failed" and "different model" in status["reason"]
