@@ -92,8 +92,8 @@ def test_convert_job_writes_the_hugging_face_directory(slurm, train_data, tmp_pa
 
     data, tok = train_data
     assert train(4, tiny_args(data, tok, tmp_path / "run", tmp_path / "ckpt", "train.train_iters=1")) == [0] * 4
-    job = slurm.sbatch(str(ROOT / "slurm" / "convert.sbatch"), "mcore-to-hf", "--ckpt", str(tmp_path / "ckpt"),
-                       "--out", str(tmp_path / "hf"), "--no-progress")
+    job = slurm.sbatch("--cpus-per-task=1", str(ROOT / "slurm" / "convert.sbatch"), "mcore-to-hf",
+                       "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"), "--no-progress")
     st = slurm.wait(job, timeout=300)
     assert st["JobState"] == "COMPLETED", (tmp_path / f"emu2-convert-{job}.out").read_text()[-2000:]
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["EmuForCausalLM"]
