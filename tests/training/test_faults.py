@@ -108,3 +108,14 @@ def test_resume_refuses_a_different_model(train_data, tmp_path):
     assert train(4, other) == [1] * 4
     status = json.loads((tmp_path / "run2" / "exit_status.json").read_text())
     assert status["status"] == "failed" and "different model" in status["reason"]
+
+
+def test_wall_clock_budget_saves_and_stops(train_data, tmp_path):
+    """train.exit_duration_mins: the job saves and exits 0 once its budget is used up."""
+    data, tok = train_data
+    args = tiny_args(data, tok, tmp_path / "run", tmp_path / "ckpt", "train.exit_duration_mins=0.0001")
+    assert train(4, args) == [0] * 4
+    status = json.loads((tmp_path / "run" / "exit_status.json").read_text())
+    assert status == {"status": "stopped", "reason": "train.exit_duration_mins reached", "iteration": 1,
+                      "train_iters": 6}
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000001"
