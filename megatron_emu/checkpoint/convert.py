@@ -105,7 +105,6 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int] =
         mapped = _select(to_hf({name: meta}, dims), lm_only)
         per_entry.append((name, key, layer, [n for n, _ in mapped]))
         plan += [(n, tuple(t.shape), torch_dtype) for n, t in mapped]
-    expected = 0 if lm_only else 2 * cfg.model.vision.num_layers  # qkv weight + bias per ViT block
     if not plan:
         raise ConversionError(f"{src}: no model tensors found")
     shards = plan_shards(plan, int(max_shard_gb * 2**30))
@@ -134,7 +133,6 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int] =
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    del expected
     log.info("wrote %s: %d tensors, %.2f GB in %d shard(s)", out, len(plan), index["metadata"]["total_size"] / 1e9,
              len(shards))
     return {"tensors": len(plan), "total_size": index["metadata"]["total_size"], "shards": len(shards)}
@@ -154,7 +152,7 @@ def _select(mapped: dict, lm_only: bool) -> list[tuple[str, torch.Tensor]]:
 # ------------------------------------------------------------------------------------------
 def hf_to_mcore(out: str | Path, *, hf: Optional[str] = None, llama: Optional[str] = None,
                 vision: Optional[str] = None, config: Optional[str] = None, overrides: tuple = (),
-                tp: int = 1, pp: int = 1, progress: bool = True) -> dict:
+                tp: int = 1, pp: int = 1) -> dict:
     """Write a weights-only megatron_emu checkpoint at TP x PP; returns a summary."""
     from megatron_emu.config.io import load_config
     from megatron_emu.config.validate import validate

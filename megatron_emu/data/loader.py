@@ -160,7 +160,8 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def dataset_fingerprint(directory: Path, meta: dict, n_docs: int) -> str:
+def dataset_fingerprint(meta: dict, n_docs: int) -> str:
+    """Identity of a dataset's content (not of its path: data may move between runs)."""
     text = json.dumps(meta, sort_keys=True) + f"/{n_docs}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -185,7 +186,7 @@ class EmuDataLoader:
         pack = PackingSpec(seq_length=spec.seq_length, tokens_per_image=spec.n_query + 2,
                            max_images=spec.max_images, lookahead=spec.lookahead, seed=spec.seed)
         fingerprint = {
-            "datasets": [f"{w:g}:{dataset_fingerprint(Path(d), m, len(ix))}"
+            "datasets": [f"{w:g}:{dataset_fingerprint(m, len(ix))}"
                          for (w, d), m, ix in zip(spec.paths, metas, indexes)],
             "seq_length": spec.seq_length, "tokens_per_image": spec.n_query + 2,
             "max_images": spec.max_images, "seed": spec.seed, "lookahead": spec.lookahead,

@@ -43,8 +43,7 @@ def llama_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def from_llama(llama_dir, tokenizer_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("conv") / "from_llama"
-    hf_to_mcore(out, llama=str(llama_dir), config=str(TINY), overrides=(f"data.tokenizer={tokenizer_dir}",),
-                progress=False)
+    hf_to_mcore(out, llama=str(llama_dir), config=str(TINY), overrides=(f"data.tokenizer={tokenizer_dir}",))
     return out
 
 
@@ -90,7 +89,7 @@ def test_hf_to_mcore_to_hf_is_byte_identical(from_llama, tmp_path, tp, pp, token
     assert config["vocab_size"] == 32272 and config["vision_config"]["n_query"] == 4 and "model_type" not in config
     index = json.loads((h1 / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] > 0
-    hf_to_mcore(c, hf=str(h1), tp=tp, pp=pp, overrides=(f"data.tokenizer={tokenizer_dir}",), progress=False)
+    hf_to_mcore(c, hf=str(h1), tp=tp, pp=pp, overrides=(f"data.tokenizer={tokenizer_dir}",))
     assert json.loads((c / "megatron_emu.json").read_text())["layout"]["tp"] == tp
     mcore_to_hf(c, h2, progress=False)
     names = sorted(p.name for p in h1.iterdir())
@@ -128,7 +127,7 @@ def test_emu2_hf_in_agrees_with_the_independent_reference(tokenizer_dir, tmp_pat
     hf = tmp_path / "emu2_hf"
     _write_reference_hf(hf, params, cfg, tokenizer_dir)
     ckpt = tmp_path / "ckpt"
-    hf_to_mcore(ckpt, hf=str(hf), overrides=(f"data.tokenizer={tokenizer_dir}",), progress=False)
+    hf_to_mcore(ckpt, hf=str(hf), overrides=(f"data.tokenizer={tokenizer_dir}",))
     n_query = cfg.model.adapter.n_query
     tokens = torch.tensor([[1, st.IMG_ID] + [st.IMAGE_ID] * n_query + [st.IMG_END_ID, 319, 15373, 2]])
     images = torch.randn(1, 3, cfg.model.vision.image_size, cfg.model.vision.image_size,
@@ -159,12 +158,12 @@ def test_bad_inputs_fail_clearly_and_write_nothing(llama_dir, from_llama, tmp_pa
     shards_b = sorted(broken.glob("model-*.safetensors"))
     shards_b[1].unlink()
     with pytest.raises(FileNotFoundError, match="missing shard"):
-        hf_to_mcore(tmp_path / "out1", hf=str(broken), progress=False)
+        hf_to_mcore(tmp_path / "out1", hf=str(broken))
     assert not (tmp_path / "out1").exists()
     # A shape mismatch: the config says another hidden size than the LLaMA weights.
     with pytest.raises(ConversionError, match="shape"):
         hf_to_mcore(tmp_path / "out2", llama=str(llama_dir), config=str(TINY),
-                    overrides=("model.lm.ffn_hidden_size=96",), progress=False)
+                    overrides=("model.lm.ffn_hidden_size=96",))
     assert not (tmp_path / "out2").exists() and not list(tmp_path.glob(".out2*"))
     # An unknown key.
     from safetensors.torch import load_file, save_file
@@ -174,7 +173,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(llama_dir, from_llama, tmp_pa
     tensors["model.layers.0.self_attn.mystery.weight"] = torch.zeros(2)
     save_file(tensors, odd / "model.safetensors")
     with pytest.raises(ConversionError, match="mystery"):
-        hf_to_mcore(tmp_path / "out3", llama=str(odd), config=str(TINY), progress=False)
+        hf_to_mcore(tmp_path / "out3", llama=str(odd), config=str(TINY))
     assert not (tmp_path / "out3").exists()
     # Not a checkpoint; an output that already has files.
     with pytest.raises(ConversionError, match="no checkpoint"):
