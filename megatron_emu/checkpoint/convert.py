@@ -33,6 +33,7 @@ from megatron_emu.checkpoint.safetensors_io import HFReader, ShardWriter, plan_s
 
 log = logging.getLogger("megatron_emu.convert")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LM_PREFIXES = ("embedding.", "decoder.", "heads.output_layer.")
 VOCAB_NAMES = ("embedding.word_embeddings.weight", "heads.output_layer.weight")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
@@ -284,7 +285,8 @@ def _save_rank(rank: int, cfg, dirs: dict, out: str) -> int:
     pgs = init_model_parallel(cfg)
     chunks = build_model_chunks(cfg, pgs)
     sharded = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-    copied = _copy_into_shards(sharded, CanonicalSource(dirs, Dims.from_config(cfg)), "" in dirs)
+    required = ("",) if "" in dirs else LM_PREFIXES + (("vision.",) if "vision" in dirs else ())
+    copied = _copy_into_shards(sharded, CanonicalSource(dirs, Dims.from_config(cfg)), required)
     if torch.distributed.get_rank() == 0:
         Path(out).mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
@@ -298,9 +300,10 @@ def _save_rank(rank: int, cfg, dirs: dict, out: str) -> int:
     return copied
 
 
-def _copy_into_shards(sharded: dict, source: CanonicalSource, complete: bool) -> int:
+def _copy_into_shards(sharded: dict, source: CanonicalSource, required: tuple) -> int:
     """Copy the canonical tensors into this rank's ShardedTensors (their data views), group by
-    group; with ``complete`` (an Emu2 HF input) every model tensor must be given."""
+    group; every model tensor whose name starts with one of ``required`` must be given (all of
+    them for an Emu2 input; the LM's for LLaMA; the ViT's too with an EVA tower)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
@@ -334,7 +337,7 @@ def _copy_into_shards(sharded: dict, source: CanonicalSource, complete: bool) ->
                 with torch.no_grad():
                     data.copy_(region.to(data.dtype))
                 copied.add(name)
-    missing = sorted(set(targets) - copied)
-    if complete and missing:
+    missing = sorted(n for n in set(targets) - copied if n.startswith(required))
+    if missing:
         raise ConversionError(f"the input lacks {len(missing)} model tensor(s), e.g. {missing[:3]}")
     return len(copied)

@@ -191,3 +191,16 @@ def test_converted_checkpoint_initialises_training(from_llama, train_data, tmp_p
                      "train.train_iters=2")
     assert train(4, args) == [0] * 4
     assert len(metrics(tmp_path / "run")) == 2
+
+
+def test_llama_missing_a_layer_tensor_is_refused(llama_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    partial = tmp_path / "partial"
+    shutil.copytree(llama_dir, partial)
+    tensors = load_file(partial / "model.safetensors")
+    del tensors["model.layers.2.mlp.down_proj.weight"]
+    save_file(tensors, partial / "model.safetensors")
+    with pytest.raises(ConversionError, match="lacks 1 model tensor"):
+        hf_to_mcore(tmp_path / "out", llama=str(partial), config=str(TINY))
+    assert not (tmp_path / "out").exists()
