@@ -4,7 +4,7 @@ Builds a randomly initialised Emu2-shaped model (default: LM hidden 2560, 16 lay
 Emu2 vocabulary; a small ViT: about 5.7 GB in fp32), saves it as a megatron_emu checkpoint
 (TP 2 x PP 2 on 4 CPU processes), then runs ``megatron-emu-convert mcore-to-hf`` and
 ``hf-to-mcore`` in fresh processes and reports their peak RSS against the checkpoint size
-(headline: mcore-to-hf peak RSS / checkpoint size, target <= 0.3) and GB/s.
+(headline: peak RSS / checkpoint size of each direction, target <= 0.3) and GB/s.
 
 Usage: python bench/bench_convert.py [--hidden 2560 --layers 16 --ffn 6912] [--workdir DIR] [--json]
 """

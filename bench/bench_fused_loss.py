@@ -2,8 +2,9 @@
 
 Regression head (``project_down`` + MSE): ``F.mse_loss(F.linear(h, W), target)`` vs
 ``megatron_emu.ops.fused_linear_mse`` (extension backend, and the pure-torch backend).
-Text head: ``F.cross_entropy(F.linear(h, W_lm))`` vs torch's chunked ``F.linear_cross_entropy``
-(the ``linear_chunked`` option at TP = 1).
+Text head: ``F.cross_entropy(F.linear(h, W_lm))`` vs megatron-core's fused vocab-parallel CE on
+fp32 logits (the ``fused`` option, one rank) and torch's chunked ``F.linear_cross_entropy`` (the
+``linear_chunked`` option at TP = 1; torch >= 2.13).
 
 CPU (default): fp32, regression N=8192 H=1024 D=1792, text N=4096 H=1024 V=32272. Peak = the
 maximum of the CPU allocator's running total (torch profiler memory events) during forward +
@@ -102,6 +103,22 @@ def regression(device: str, dtype, n: int, h: int, d: int, repeat: int) -> list[
     return rows
 
 
+def _one_rank_group(device: str):
+    """A one-process group for megatron-core's vocab-parallel CE (its all-reduces are no-ops)."""
+    import socket
+
+    import torch.distributed as dist
+
+    import megatron_emu.compat  # noqa: F401  (megatron-core on CPU)
+    if not dist.is_initialized():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1,
+                                init_method=f"tcp://127.0.0.1:{port}")
+    return dist.group.WORLD
+
+
 def text_head(device: str, dtype, n: int, h: int, v: int, repeat: int) -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(1)
     hidden = torch.randn(n, h, generator=g).to(device, dtype).requires_grad_()
@@ -111,6 +128,15 @@ def text_head(device: str, dtype, n: int, h: int, v: int, repeat: int) -> list[d
     rows = [measure("naive F.cross_entropy(F.linear)",
                     lambda: F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=-100),
                     (hidden, weight), device, repeat)]
+    group = _one_rank_group(device)
+    from megatron_emu.model.fused_ce import fused_vocab_parallel_cross_entropy
+    keep = (labels != -100).float()
+
+    def megatron_fused():  # the model's ``lm_ce_impl: fused`` path at TP = 1 (fp32 logits)
+        logits = F.linear(hidden, weight).float().unsqueeze(1)  # [N, 1, V]
+        ce = fused_vocab_parallel_cross_entropy(logits, labels.clamp(min=0).unsqueeze(1), group)
+        return (ce.squeeze(1) * keep).sum() / keep.sum()
+    rows.append(measure("megatron fused vocab-parallel CE", megatron_fused, (hidden, weight), device, repeat))
     if hasattr(torch.nn, "LinearCrossEntropyOptions"):
         rows.append(measure("F.linear_cross_entropy (chunked)", lambda: F.linear_cross_entropy(
             hidden, weight, labels, ignore_index=-100, options=torch.nn.LinearCrossEntropyOptions()),

@@ -4,9 +4,11 @@
   one layer's tensors at a time are read (``reader.py``), mapped (``hf_mapping.py``) and
   appended to safetensors shards whose headers were planned up front (``safetensors_io.py``).
 * ``hf_to_mcore``: an HF Emu2 directory, or a LLaMA directory (+ optionally an EVA vision
-  tower) with everything else initialised fresh, -> a megatron_emu checkpoint (weights only)
-  saved at the requested TP/PP layout; ``megatron-emu-train --set checkpoint.load=DIR`` loads it
-  at any layout.
+  tower) with everything else initialised fresh (``fresh_init.py``), -> a megatron_emu checkpoint
+  (weights only) at the requested TP/PP layout; ``megatron-emu-train --set checkpoint.load=DIR``
+  loads it at any layout. Streams too: each rank's model exists only on the meta device; one
+  group of layers at a time is read (``hf_source.py``), sliced and saved as a checkpoint part,
+  and the parts are merged into one checkpoint (``stream_writer.py``).
 
 Inputs are validated (files, shapes, keys) before anything is written; output is built in a
 temporary directory next to ``out`` and renamed into place at the end.
@@ -17,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -26,15 +27,14 @@ from typing import Optional
 
 import torch
 
-from megatron_emu.checkpoint import hf_config
-from megatron_emu.checkpoint.hf_mapping import HF_LM, HF_LM_HEAD, Dims, from_hf, to_hf
+from megatron_emu.checkpoint import hf_config, stream_writer
+from megatron_emu.checkpoint.hf_mapping import HF_LM, HF_LM_HEAD, Dims, to_hf
 from megatron_emu.checkpoint.reader import CheckpointReader
 from megatron_emu.checkpoint.safetensors_io import HFReader, ShardWriter, plan_shards, shard_names, write_index
 
 log = logging.getLogger("megatron_emu.convert")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LM_PREFIXES = ("embedding.", "decoder.", "heads.output_layer.")
-VOCAB_NAMES = ("embedding.word_embeddings.weight", "heads.output_layer.weight")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
@@ -153,8 +153,9 @@ def _select(mapped: dict, lm_only: bool) -> list[tuple[str, torch.Tensor]]:
 # ------------------------------------------------------------------------------------------
 def hf_to_mcore(out: str | Path, *, hf: Optional[str] = None, llama: Optional[str] = None,
                 vision: Optional[str] = None, config: Optional[str] = None, overrides: tuple = (),
-                tp: int = 1, pp: int = 1) -> dict:
-    """Write a weights-only megatron_emu checkpoint at TP x PP; returns a summary."""
+                tp: int = 1, pp: int = 1, progress: bool = True) -> dict:
+    """Write a weights-only megatron_emu checkpoint at TP x PP, streaming (one layer group at a
+    time per rank); returns a summary."""
     from megatron_emu.config.io import load_config
     from megatron_emu.config.validate import validate
 
@@ -195,7 +196,14 @@ def hf_to_mcore(out: str | Path, *, hf: Optional[str] = None, llama: Optional[st
     try:
         from megatron_emu.parallel.local_launch import run_local
 
-        counts = run_local(tp * pp, _save_rank, cfg, {k: str(v.dir) for k, v in source.items()}, str(tmp))
+        counts = run_local(tp * pp, _save_rank, cfg, {k: str(v.dir) for k, v in source.items()}, str(tmp),
+                           progress)
+        parts = sorted((tmp / "parts").iterdir())
+        stream_writer.merge_parts(parts, tmp)
+        (tmp / "parts").rmdir()
+        meta = {"iteration": 0, "kind": "weights", "layout": {"tp": tp, "pp": pp, "vpp": None, "dp": 1},
+                "config": asdict(cfg)}
+        (tmp / "megatron_emu.json").write_text(json.dumps(meta, indent=1) + "\n")
         _publish(tmp, Path(out))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -224,120 +232,57 @@ def _check_inputs(source: dict) -> None:
         reader.keys()
 
 
-class CanonicalSource:
-    """Canonical tensors computed lazily from the HF inputs, one layer group at a time (so a
-    rank holds about one layer of the inputs besides its own shard)."""
-
-    GROUP = re.compile(r"^(model\.visual\.blocks\.\d+\.|model\.decoder\.lm\.model\.layers\.\d+\.)")
-
-    def __init__(self, dirs: dict, dims: Dims):
-        self.dims = dims
-        self.readers = {k: HFReader(v) for k, v in dirs.items()}
-        self.where: dict = {}  # Emu2 HF name -> (reader, original name)
-        renames = {"": {}, "llama": {"model.": HF_LM, "lm_head.": "model.decoder.lm.lm_head."},
-                   "vision": {"model.visual.": "model.visual.", "visual.": "model.visual."}}
-        for src, reader in self.readers.items():
-            for name in reader.keys():
-                new = name
-                for old, repl in renames[src].items():
-                    if name.startswith(old):
-                        new = repl + name[len(old):]
-                        break
-                if src == "vision" and not new.startswith("model.visual."):
-                    continue
-                if not new.endswith("rotary_emb.inv_freq"):
-                    self.where[new] = (src, name)
-        if "vision" in self.readers and not any(n.startswith("model.visual.") for n in self.where):
-            raise ConversionError("--vision has no visual.* / model.visual.* tensors")
-        self._cache_key, self._cache = None, {}
-        self.vocab_rows: Optional[int] = None
-
-    def groups(self) -> dict:
-        out: dict = {}
-        for n in self.where:
-            m = self.GROUP.match(n)
-            out.setdefault(m.group(1) if m else n, []).append(n)
-        return out
-
-    def canonical_group(self, group: str, members: list) -> dict:
-        if self._cache_key != group:
-            hf = {n: self.readers[self.where[n][0]].get(self.where[n][1]) for n in members}
-            for n, t in hf.items():  # rows beyond the input's vocabulary keep their fresh init
-                if n in (HF_LM + "embed_tokens.weight", HF_LM_HEAD):
-                    self.vocab_rows = t.shape[0]
-            try:
-                self._cache = from_hf(hf, self.dims)
-            except KeyError as e:
-                raise ConversionError(str(e.args[0])) from None
-            self._cache_key = group
-        return self._cache
+def _gather_needed(targets: dict) -> dict:
+    """Canonical name -> full shape over every rank's model chunks (the same dict on all ranks)."""
+    local = {name: lst[0][2] for name, lst in targets.items()}
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, local)
+    needed: dict = {}
+    for d in gathered:
+        needed.update(d)
+    return needed
 
 
-def _save_rank(rank: int, cfg, dirs: dict, out: str) -> int:
-    """Build this rank's chunks (fresh init), copy in every tensor the inputs give (this rank's
-    slice of it), check shapes, and save the checkpoint collectively."""
-    from megatron.core import dist_checkpointing
-
+def _save_rank(rank: int, cfg, dirs: dict, out: str, progress: bool) -> int:
+    """Stream this rank's shard of the checkpoint into ``out/parts/``: the model is built on the
+    meta device, the inputs are checked against it from their headers, then each group of layers
+    is read, mapped, sliced and saved as one part (all ranks together)."""
+    from megatron_emu.checkpoint import stream_writer
+    from megatron_emu.checkpoint.fresh_init import fresh_tensor
+    from megatron_emu.checkpoint.hf_source import CanonicalSource, SourceError
     from megatron_emu.model.builder import build_model_chunks
     from megatron_emu.parallel.groups import init_distributed, init_model_parallel
 
     init_distributed()
     pgs = init_model_parallel(cfg)
-    chunks = build_model_chunks(cfg, pgs)
-    sharded = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    targets = stream_writer.rank_targets(build_model_chunks(cfg, pgs, meta=True))
+    needed = _gather_needed(targets)
     required = ("",) if "" in dirs else LM_PREFIXES + (("vision.",) if "vision" in dirs else ())
-    copied = _copy_into_shards(sharded, CanonicalSource(dirs, Dims.from_config(cfg)), required)
-    if torch.distributed.get_rank() == 0:
-        Path(out).mkdir(parents=True, exist_ok=True)
-    torch.distributed.barrier()
-    dist_checkpointing.save(sharded, out)
-    torch.distributed.barrier()
-    if torch.distributed.get_rank() == 0:
-        layout = {"tp": cfg.parallel.tensor_model_parallel_size, "pp": cfg.parallel.pipeline_model_parallel_size,
-                  "vpp": None, "dp": 1}
-        meta = {"iteration": 0, "kind": "weights", "layout": layout, "config": asdict(cfg)}
-        (Path(out) / "megatron_emu.json").write_text(json.dumps(meta, indent=1) + "\n")
-    return copied
-
-
-def _copy_into_shards(sharded: dict, source: CanonicalSource, required: tuple) -> int:
-    """Copy the canonical tensors into this rank's ShardedTensors (their data views), group by
-    group; every model tensor whose name starts with one of ``required`` must be given (all of
-    them for an Emu2 input; the LM's for LLaMA; the ViT's too with an EVA tower)."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-
-    from megatron_emu.checkpoint.reader import _RENAMES, STACKED
-
-    # Factories (e.g. SwiGLU's fc1 = [gate; up], stored as two global halves) become plain
-    # ShardedTensors whose data are views of the parameters.
-    apply_factories(sharded)
-    targets: dict = {}
-    for sh in nested_values(sharded):
-        if not isinstance(sh, ShardedTensor) or "_extra_state" in sh.key:
-            continue
-        if sh.prepend_axis_num:
-            prefix = next(p for p in STACKED if sh.key.startswith(p))
-            rest = sh.key[len(prefix):]
-            name = f"{prefix}{sh.global_offset[0]}.{_RENAMES.get(rest, rest)}"
-            targets.setdefault(name, []).append((sh, sh.global_offset[1:], sh.global_shape[1:]))
-        else:
-            targets.setdefault(sh.key, []).append((sh, sh.global_offset, sh.global_shape))
-    copied = set()
-    for group, members in source.groups().items():
-        for name, full in source.canonical_group(group, members).items():
-            for sh, offsets, shape in targets.get(name, []):
-                if tuple(full.shape) != tuple(shape):
-                    raise ConversionError(f"{name}: input shape {tuple(full.shape)} but the model needs {tuple(shape)}")
-                region = full[tuple(slice(o, o + n) for o, n in zip(offsets, sh.data.shape))]
-                data = sh.data
-                if name in VOCAB_NAMES and source.vocab_rows is not None:  # Emu2's added rows stay fresh
-                    keep = max(0, min(data.shape[0], source.vocab_rows - offsets[0]))
-                    region, data = region[:keep], data[:keep]
-                with torch.no_grad():
-                    data.copy_(region.to(data.dtype))
-                copied.add(name)
-    missing = sorted(n for n in set(targets) - copied if n.startswith(required))
-    if missing:
-        raise ConversionError(f"the input lacks {len(missing)} model tensor(s), e.g. {missing[:3]}")
-    return len(copied)
+    try:
+        source = CanonicalSource(dirs, Dims.from_config(cfg))
+        plan = source.plan(needed, required)
+    except SourceError as e:  # the same on every rank: all stop here, before writing
+        raise ConversionError(str(e)) from None
+    dtype = getattr(torch, cfg.model.params_dtype)
+    counts = {"decoder.layers.": cfg.model.lm.num_layers, "vision.blocks.layers.": cfg.model.vision.num_layers}
+    bar = _progress(len(plan), "hf-to-mcore", progress and rank == 0)
+    written = 0
+    for k, (groups, names) in enumerate(plan):
+        local = [n for n in names if n in targets]
+        canon = source.canonical(groups) if local and groups else {}
+        filled = []
+        for n in local:
+            full = canon.get(n)
+            if full is None:
+                full = fresh_tensor(n, needed[n], cfg)
+            elif source.vocab_rows.get(n, needed[n][0]) < needed[n][0]:  # Emu2's added rows start fresh
+                rows = source.vocab_rows[n]
+                full[rows:] = fresh_tensor(n, needed[n], cfg)[rows:].to(full.dtype)
+            filled += [stream_writer.fill(sh, offsets, full, dtype) for sh, offsets, _ in targets[n]]
+        written += len(filled)
+        layers = {prefix: (i, counts[prefix]) for prefix, i in stream_writer.part_layers(names).items()}
+        stream_writer.save_part(Path(out) / "parts" / f"{k:05d}", filled, layers)
+        del canon, filled
+        bar.update(1)
+    bar.close()
+    return written

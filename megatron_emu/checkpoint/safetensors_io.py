@@ -1,7 +1,9 @@
 """Streaming safetensors shards: the header is computed from the planned tensor list, then the
 tensors are written one by one as they are produced (never the whole shard in memory). Output
 is standard safetensors (``safetensors.safe_open`` and transformers read it) plus a
-``model.safetensors.index.json`` with ``metadata.total_size``.
+``model.safetensors.index.json`` with ``metadata.total_size``. ``HFReader`` reads such
+directories tensor by tensor (the format is a JSON header and raw little-endian bytes: nothing
+is unpickled).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
           torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+_ST_DTYPES = {v: k for k, v in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -88,8 +91,29 @@ def write_index(directory: Path, shards: list[list], names: list[str]) -> dict:
     return index
 
 
+def read_header(path: Path) -> tuple[dict, int]:
+    """``({name: {"dtype", "shape", "data_offsets"}}, data start)`` of a safetensors file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: not a safetensors file (truncated header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100 << 20:
+            raise ValueError(f"{path}: not a safetensors file (header of {n} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ValueError(f"{path}: not a safetensors file (unreadable header)") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
 class HFReader:
-    """Lazy access to the tensors of an HF directory (sharded or single safetensors file)."""
+    """Lazy access to the tensors of an HF directory (sharded or single safetensors file).
+
+    Tensors are read with plain file reads into fresh buffers, not through a memory map: a
+    mapped multi-GB shard would otherwise count towards the process's resident memory as it is
+    read, defeating the converter's one-layer-at-a-time bound."""
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
@@ -97,9 +121,7 @@ class HFReader:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (self.dir / "model.safetensors").is_file():
-            from safetensors import safe_open
-            with safe_open(self.dir / "model.safetensors", "pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
+            weight_map = {k: "model.safetensors" for k in read_header(self.dir / "model.safetensors")[0]}
         else:
             raise FileNotFoundError(f"{self.dir}: no {INDEX_FILE} or model.safetensors (only safetensors "
                                     f"checkpoints are read: no pickled .bin files)")
@@ -107,21 +129,44 @@ class HFReader:
         if missing:
             raise FileNotFoundError(f"{self.dir}: missing shard(s) {missing}")
         self.weight_map = weight_map
-        self._open: dict = {}
+        self._headers: dict = {}
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
-    def _handle(self, fname: str):
-        if fname not in self._open:
-            from safetensors import safe_open
-            self._open = {fname: safe_open(self.dir / fname, "pt")}  # one file open at a time
-        return self._open[fname]
-
-    def shape(self, name: str) -> tuple:
-        return tuple(self._handle(self.weight_map[name]).get_slice(name).get_shape())
-
-    def get(self, name: str) -> torch.Tensor:
+    def _entry(self, name: str) -> tuple[Path, dict, int]:
         if name not in self.weight_map:
             raise KeyError(f"{self.dir}: no tensor {name!r}")
-        return self._handle(self.weight_map[name]).get_tensor(name)
+        fname = self.weight_map[name]
+        if fname not in self._headers:
+            self._headers[fname] = read_header(self.dir / fname)
+        header, start = self._headers[fname]
+        if name not in header:
+            raise ValueError(f"{self.dir / fname}: the index lists {name!r} but the file does not hold it")
+        entry = header[name]
+        if entry["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{self.dir}: {name!r} has unsupported dtype {entry['dtype']}")
+        return self.dir / fname, entry, start
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self._entry(name)[1]["shape"])
+
+    def meta(self, name: str) -> torch.Tensor:
+        """A ``meta`` tensor with the stored shape and dtype (reads the header only)."""
+        _, entry, _ = self._entry(name)
+        return torch.empty(tuple(entry["shape"]), dtype=_ST_DTYPES[entry["dtype"]], device="meta")
+
+    def get(self, name: str) -> torch.Tensor:
+        path, entry, start = self._entry(name)
+        dtype, shape = _ST_DTYPES[entry["dtype"]], tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
+        if end - begin != nbytes(shape, dtype):
+            raise ValueError(f"{path}: {name!r} spans {end - begin} bytes, its shape {shape} needs "
+                             f"{nbytes(shape, dtype)}")
+        out = torch.empty(shape, dtype=dtype)
+        if out.numel():
+            with open(path, "rb") as f:
+                f.seek(start + begin)
+                if f.readinto(out.reshape(-1).view(torch.uint8).numpy()) != end - begin:
+                    raise ValueError(f"{path}: truncated data for {name!r}")
+        return out

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                                  max_shard_gb=args.max_shard_gb, progress=not args.no_progress)
         else:
             result = hf_to_mcore(args.out, hf=args.hf, llama=args.llama, vision=args.vision, config=args.config,
-                                 overrides=tuple(args.overrides), tp=args.tp, pp=args.pp)
+                                 overrides=tuple(args.overrides), tp=args.tp, pp=args.pp,
+                                 progress=not args.no_progress)
     except (ConversionError, CheckpointReadError, FileNotFoundError, KeyError) as e:
         print(f"megatron-emu-convert {args.command}: error: {e}", file=sys.stderr)
         return 2

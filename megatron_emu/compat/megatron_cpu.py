@@ -76,6 +76,12 @@ def _wrap_factory(fn):
 
 
 def _patch_factories() -> None:
+    # torch's device contexts (``with torch.device("meta")``, used by megatron-core and
+    # transformers alike) recognise factories by identity in a set cached on first use: fill
+    # it with the original functions before wrapping them, so the contexts keep working.
+    from torch.utils import _device
+
+    _device._device_constructors()
     for name in _FACTORIES:
         if hasattr(torch, name):
             setattr(torch, name, _wrap_factory(getattr(torch, name)))

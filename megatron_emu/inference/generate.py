@@ -32,8 +32,6 @@ def _has_cuda() -> bool:
 
 def load_model(ckpt: Optional[str] = None, hf: Optional[str] = None):
     """``(model chunk, cfg, tokenizer dir or None)``; call inside an initialised process group."""
-    from megatron.core import dist_checkpointing
-
     from megatron_emu.config.io import from_dict
     from megatron_emu.model.builder import build_model_chunks
     from megatron_emu.parallel.groups import init_distributed, init_model_parallel
@@ -55,8 +53,9 @@ def load_model(ckpt: Optional[str] = None, hf: Optional[str] = None):
     pgs = init_model_parallel(cfg)
     (model,) = build_model_chunks(cfg, pgs)
     if ckpt is not None:
-        state = dist_checkpointing.load({"model0": model.sharded_state_dict()}, str(path))
-        model.load_state_dict(state["model0"], strict=True)
+        from megatron_emu.training.checkpointing import load_model_state
+
+        load_model_state(path, [model])
     else:
         from megatron_emu.checkpoint.hf_mapping import Dims, from_hf
         from megatron_emu.checkpoint.safetensors_io import HFReader

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 
 import torch
@@ -13,8 +14,9 @@ from megatron_emu.config.schema import EmuConfig
 from megatron_emu.model.emu2 import Emu2Model
 
 
-def build_model_chunks(cfg: EmuConfig, pgs: ProcessGroupCollection) -> list[Emu2Model]:
-    """The chunks this rank holds: ``[Emu2Model]`` (or one per virtual stage), on the device.
+def build_model_chunks(cfg: EmuConfig, pgs: ProcessGroupCollection, meta: bool = False) -> list[Emu2Model]:
+    """The chunks this rank holds: ``[Emu2Model]`` (or one per virtual stage), on the device
+    (``meta``: on the meta device, without memory, for the converter's sharded state dicts).
 
     The first chunk of pipeline rank 0 holds the ViT, adapter and embedding; the last chunk of
     the last rank holds the final norm and heads.
@@ -29,9 +31,10 @@ def build_model_chunks(cfg: EmuConfig, pgs: ProcessGroupCollection) -> list[Emu2
         vp_stage = vp if vpp else None
         pre = pp_rank == 0 and (vp_stage is None or is_vp_first_stage(vp_stage, vpp))
         post = pp_rank == pp_size - 1 and (vp_stage is None or is_vp_last_stage(vp_stage, vpp))
-        model = Emu2Model(cfg, pgs, pre_process=pre, post_process=post, vp_stage=vp_stage)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = Emu2Model(cfg, pgs, pre_process=pre, post_process=post, vp_stage=vp_stage)
         model.model_type = ModelType.encoder_or_decoder
-        chunks.append(model.to(device.device()))
+        chunks.append(model if meta else model.to(device.device()))
     apply_freeze(chunks, cfg.train.freeze)
     return chunks
 

@@ -16,6 +16,7 @@ TE modules, FP8-capable, GPU) produce the same sharded checkpoint keys (megatron
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 
 import torch
@@ -157,7 +158,14 @@ logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_Know
 class PostNormMLP(MLP):
     """MLP followed by a norm of its output (EVA post-norm): ``(LN2(mlp(x) + b), None)``."""
 
-    def __init__(self, config: TransformerConfig, submodules, *args, post_norm=None, **kwargs):
+    def __init__(self, config: TransformerConfig, submodules, *args, post_norm=None,
+                 pg_collection=None, is_mtp_layer: bool = False, **kwargs):
+        # megatron-core >= 0.17 builds every layer's MLP with (pg_collection, is_mtp_layer, name);
+        # 0.16 passes nothing for MLP subclasses. MLP itself takes the TP group.
+        if pg_collection is not None:
+            kwargs.setdefault("tp_group", pg_collection.tp)
+        accepted = inspect.signature(MLP.__init__).parameters
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
         super().__init__(config, submodules, *args, **kwargs)
         self.post_norm = post_norm(config, config.hidden_size, eps=config.layernorm_epsilon)
 

@@ -63,6 +63,15 @@ def l2_loss_grad_(pred: torch.Tensor, target: torch.Tensor, grad_scale: float,
     the extension for the tensor's device."""
     if backend not in ("auto", "ext", "torch"):
         raise ValueError(f"backend must be auto, ext or torch, got {backend!r}")
+    # Checked here as well as in C++: an exception thrown inside an extension built with another
+    # GCC than torch's can crash the process (seen on a GPU machine) instead of raising.
+    if pred.dim() != 2 or pred.shape != target.shape or pred.dtype != target.dtype \
+            or pred.device != target.device:
+        raise ValueError(f"l2_loss_grad_: pred and target must be [rows, D] of one dtype and device, got "
+                         f"{tuple(pred.shape)} {pred.dtype} {pred.device} and {tuple(target.shape)} "
+                         f"{target.dtype} {target.device}")
+    if not (pred.is_contiguous() and target.is_contiguous()):
+        raise ValueError("l2_loss_grad_: pred and target must be contiguous")
     use_ext = backend == "ext" or (backend == "auto" and has_extension(pred.device))
     if use_ext:
         if not has_extension(pred.device):

@@ -30,9 +30,15 @@ from megatron_emu.ops._ext import l2_loss_grad_
 
 
 def default_chunk_size(rows: int, in_features: int, out_features: int) -> int:
-    """Rows per chunk: a ``[chunk, D]`` buffer of about 1/8 of ``[M, D]`` (at least 256 rows),
-    shrunk further when ``D > H`` (the prediction outweighs its input)."""
-    ratio = max(1, math.ceil(out_features / max(1, in_features)))
+    """Rows per chunk. ``D <= H`` (Emu2: 1792 < 6656): one chunk. The ``[M, D]`` buffer is then
+    no larger than ``grad_hidden`` ``[M, H]``, which must exist anyway, so chunking would save
+    little while costing GEMM efficiency and an fp32 weight-gradient accumulator (measured on an
+    H100 in bf16: 1.30x the naive peak and 2.4x its time with 8 chunks, see
+    docs/benchmarks.md). ``D > H``: a ``[chunk, D]`` buffer of about 1/8 of ``[M, D]`` (at
+    least 256 rows), shrunk further as ``D / H`` grows."""
+    if out_features <= in_features:
+        return max(1, rows)
+    ratio = math.ceil(out_features / max(1, in_features))
     target = max(1, math.ceil(rows / (8 * ratio)))
     return max(256, 1 << (target - 1).bit_length())
 
@@ -67,13 +73,13 @@ class _FusedLinearMSE(torch.autograd.Function):
             if t_c.dtype != buf.dtype or not t_c.is_contiguous():
                 t_c = t_c.to(buf.dtype).contiguous()
             total += l2_loss_grad_(buf, t_c, scale, backend).sum()
-            if want_h:
-                g = torch.mm(buf, weight)
-                if index is not None:
-                    grad_h.index_add_(0, rows_idx, g)
-                else:
-                    grad_h[start:stop] = g
-            if want_w:
+            if want_h and index is not None:
+                grad_h.index_add_(0, rows_idx, torch.mm(buf, weight))
+            elif want_h:  # straight into the gradient's rows: no [chunk, H] temporary
+                torch.mm(buf, weight, out=grad_h[start:stop])
+            if want_w and buf.dtype == w_acc:
+                grad_w.addmm_(buf.t(), h_c)
+            elif want_w:  # bf16/fp16 chunks into an fp32 accumulator
                 grad_w += torch.mm(buf.t(), h_c).to(w_acc)
             if want_b:
                 grad_b += buf.sum(0, dtype=grad_b.dtype)

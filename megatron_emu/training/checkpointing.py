@@ -17,6 +17,7 @@ Tensors are read back with torch's ``weights_only`` loader; nothing here unpickl
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from typing import Optional
 import torch
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
 
 log = logging.getLogger("megatron_emu.checkpoint")
 META_FILE = "megatron_emu.json"
@@ -115,6 +117,11 @@ def _sharded(model: list, optimizer, pgs, *, with_optimizer: bool, with_rng: boo
     return state
 
 
+# megatron-core >= 0.17 hands async saves to NVRx (nvidia-resiliency-ext) by default; our queue
+# and finalisation use megatron-core's own asynchronous writer, which every version has.
+_ASYNC_KW = {"async_strategy": "mcore"} if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters else {}
+
+
 def _barrier() -> None:
     torch.distributed.barrier()
 
@@ -147,7 +154,7 @@ def save(directory: str | Path, model: list, optimizer, pgs, meta: dict, keep_la
     state = _sharded(model, optimizer, pgs, with_optimizer=True, with_rng=True, loading=False)
     publish = functools.partial(_publish, directory, name, json.dumps(meta, indent=1) + "\n", keep_last)
     if async_queue is not None:
-        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True, **_ASYNC_KW)
         request.finalize_fns.append(publish)
         async_queue.schedule_async_request(request)
         return directory / name
@@ -208,18 +215,34 @@ def load_full(ckpt: Path, model: list, optimizer, pgs, layout: dict) -> dict:
 def load_weights(ckpt: Path, model: list, optimizer) -> dict:
     """Model weights only (``checkpoint.load``): no optimizer, scheduler, RNG or data position."""
     meta = read_meta(ckpt)
-    request = _sharded(model, optimizer, None, with_optimizer=False, with_rng=False, loading=True)
-    state = dist_checkpointing.load(request, str(ckpt))
-    _load_model(model, state)
+    load_model_state(ckpt, model)
     # bf16 models keep fp32 main parameters in the optimizer: refresh them from the loaded weights.
     optimizer.reload_model_params()
     return meta
 
 
-def _load_model(model: list, state: dict) -> None:
+def load_model_state(ckpt: str | Path, model: list) -> None:
+    """The model tensors of ``ckpt`` into ``model``'s chunks (any layout). Converted checkpoints
+    (and those of another ``transformer_impl``) may lack some modules' ``_extra_state`` (e.g.
+    Transformer Engine's FP8 scaling state, which then starts fresh); any other absent tensor
+    is an error."""
+    chunks = [m.module if hasattr(m, "module") else m for m in model]
+    request = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    state, _, absent = dist_checkpointing.load(request, str(ckpt), strict=StrictHandling.RETURN_UNEXPECTED)
+    wanted = sorted(k for k in absent if not k.endswith("_extra_state"))
+    if wanted:
+        raise CheckpointError(f"{ckpt} lacks {len(wanted)} model tensor(s) this model needs, e.g. {wanted[:3]}")
+    _load_model(chunks, state, allow_missing_extra_state=bool(absent))
+
+
+def _load_model(model: list, state: dict, allow_missing_extra_state: bool = False) -> None:
     for i, m in enumerate(model):
         chunk = m.module if hasattr(m, "module") else m
-        chunk.load_state_dict(state[f"model{i}"], strict=True)
+        result = chunk.load_state_dict(state[f"model{i}"], strict=not allow_missing_extra_state)
+        if allow_missing_extra_state:
+            bad = [k for k in result.missing_keys if not k.endswith("_extra_state")] + list(result.unexpected_keys)
+            if bad:
+                raise CheckpointError(f"model chunk {i}: state does not match the model: {bad[:3]}")
 
 
 def all_finite(model: list) -> bool:

@@ -42,8 +42,12 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out) ->
 def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 300) -> list[Any]:
     """Fork ``world`` ranks running ``fn(rank, *args)``; returns results by rank, raising the
     first rank's traceback on failure. ``fn`` must not rely on state initialised in the parent
-    beyond imports (no process group or threaded torch work before forking)."""
-    ctx = mp.get_context("fork")
+    beyond imports (no process group or threaded torch work before forking). A parent that has
+    already initialised CUDA (a GPU test ran in it) spawns instead: CUDA cannot be re-initialised
+    in a forked child."""
+    import torch
+
+    ctx = mp.get_context("spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork")
     out = ctx.SimpleQueue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, out)) for r in range(world)]

@@ -146,3 +146,15 @@ def test_operator_rejects_bad_inputs():
         torch.ops.megatron_emu.l2_loss_grad_(torch.randn(3, 4), torch.randn(3, 5), 1.0)
     with pytest.raises(RuntimeError, match="contiguous"):
         torch.ops.megatron_emu.l2_loss_grad_(torch.randn(4, 3).t(), torch.randn(3, 4), 1.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_wrapper_checks_inputs_before_any_kernel(backend):
+    from megatron_emu.ops._ext import l2_loss_grad_
+
+    with pytest.raises(ValueError, match="one dtype"):
+        l2_loss_grad_(torch.randn(3, 4), torch.randn(3, 5), 1.0, backend)
+    with pytest.raises(ValueError, match="one dtype"):
+        l2_loss_grad_(torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64), 1.0, backend)
+    with pytest.raises(ValueError, match="contiguous"):
+        l2_loss_grad_(torch.randn(4, 3).t(), torch.randn(3, 4), 1.0, backend)

@@ -116,7 +116,9 @@ def _same(runs):
 
 
 def test_head_implementations_agree_tp1():
-    impls = [("plain", "naive"), ("fused", "fused"), ("linear_chunked", "fused"), ("plain", "fused")]
+    impls = [("plain", "naive"), ("fused", "fused"), ("plain", "fused")]
+    if hasattr(torch.nn, "LinearCrossEntropyOptions"):  # torch >= 2.13 (the CI's torch has it)
+        impls.append(("linear_chunked", "fused"))
     (runs,) = run_ranks(1, _model_losses, 1, impls)
     _same(runs)
 

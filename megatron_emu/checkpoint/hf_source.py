@@ -1,0 +1,128 @@
+"""The Hugging Face inputs of ``hf-to-mcore`` as canonical tensors, one layer group at a time.
+
+Inputs: an Emu2 directory (``""``), or a LLaMA directory (``"llama"``) and optionally an EVA
+vision tower (``"vision"``), renamed into Emu2's HF names and mapped by ``hf_mapping.from_hf``
+into our canonical (unsharded) names. ``plan`` checks everything against the model from
+shapes alone (meta tensors: no data is read) and orders the work in groups no larger than the
+largest layer; ``canonical`` then reads one group's tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from megatron_emu.checkpoint.hf_mapping import HF_LM, HF_LM_HEAD, Dims, from_hf
+from megatron_emu.checkpoint.safetensors_io import HFReader
+
+VOCAB_NAMES = ("embedding.word_embeddings.weight", "heads.output_layer.weight")
+_HF_GROUP = re.compile(r"^(model\.visual\.blocks\.\d+\.|model\.decoder\.lm\.model\.layers\.\d+\.)")
+_OUR_GROUP = re.compile(r"^(vision\.blocks\.layers\.\d+\.|decoder\.layers\.\d+\.)")
+_RENAMES = {"": {}, "llama": {"model.": HF_LM, "lm_head.": "model.decoder.lm.lm_head."},
+            "vision": {"model.visual.": "model.visual.", "visual.": "model.visual."}}
+
+
+class SourceError(ValueError):
+    """The inputs do not fit the model; the message says why."""
+
+
+class CanonicalSource:
+    def __init__(self, dirs: dict, dims: Dims):
+        self.dims = dims
+        self.readers = {k: HFReader(v) for k, v in dirs.items()}
+        self.where: dict = {}  # Emu2 HF name -> (input, original name)
+        for src, reader in self.readers.items():
+            for name in reader.keys():
+                new = name
+                for old, repl in _RENAMES[src].items():
+                    if name.startswith(old):
+                        new = repl + name[len(old):]
+                        break
+                if src == "vision" and not new.startswith("model.visual."):
+                    continue
+                if not new.endswith("rotary_emb.inv_freq"):
+                    self.where[new] = (src, name)
+        if "vision" in self.readers and not any(n.startswith("model.visual.") for n in self.where):
+            raise SourceError("--vision has no visual.* / model.visual.* tensors")
+        self.vocab_rows: dict[str, int] = {}  # canonical vocab tensor -> rows the input gives
+        # HF layer prefix (or a lone tensor's name) -> its HF tensor names, in input order.
+        self.groups: dict[str, list[str]] = {}
+        for n in self.where:
+            m = _HF_GROUP.match(n)
+            self.groups.setdefault(m.group(1) if m else n, []).append(n)
+
+    def _map(self, hf: dict) -> dict:
+        try:
+            return from_hf(hf, self.dims)
+        except (KeyError, ValueError) as e:
+            raise SourceError(str(e.args[0]) if e.args else str(e)) from None
+
+    def plan(self, needed: dict[str, tuple], required: tuple) -> list[tuple[list[str], list[str]]]:
+        """Check the inputs against ``needed`` (canonical name -> full shape, every rank's) and
+        return the work as ``[(hf_groups, canonical names)]``: input groups in input order,
+        then the tensors to initialise fresh grouped by layer; consecutive small groups are
+        merged up to the largest group's size. Raises SourceError for an unknown key, a shape
+        mismatch or a missing required tensor."""
+        entries, given = [], set()
+        for group, members in self.groups.items():
+            metas = {}
+            for n in members:
+                src, orig = self.where[n]
+                metas[n] = self.readers[src].meta(orig)
+            canon = self._map(metas)
+            for n, t in canon.items():
+                if n not in needed:
+                    raise SourceError(f"input tensor(s) {members[:2]} map to {n}, which this model does not "
+                                      f"have (check the layer count and architecture)")
+                if tuple(t.shape) != tuple(needed[n]):
+                    raise SourceError(f"{n}: input shape {tuple(t.shape)} but the model needs {tuple(needed[n])}")
+            for n, t in metas.items():
+                if n in (HF_LM + "embed_tokens.weight", HF_LM_HEAD):
+                    self.vocab_rows[VOCAB_NAMES[0] if "embed_tokens" in n else VOCAB_NAMES[1]] = t.shape[0]
+            given |= set(canon)
+            entries.append(([group], sorted(canon), sum(t.numel() for t in canon.values())))
+        fresh = [n for n in needed if n not in given]
+        missing = sorted(n for n in fresh if n.startswith(required))
+        if missing:
+            raise SourceError(f"the input lacks {len(missing)} model tensor(s), e.g. {missing[:3]}")
+        by_layer: dict = {}
+        for n in fresh:
+            m = _OUR_GROUP.match(n)
+            by_layer.setdefault(m.group(1) if m else n, []).append(n)
+        for names in by_layer.values():
+            entries.append(([], names, sum(_numel(needed[n]) for n in names)))
+        return _coalesce(entries)
+
+    def canonical(self, groups: list[str]) -> dict[str, torch.Tensor]:
+        """The canonical tensors of these HF groups, read and mapped (full, unsharded)."""
+        hf = {}
+        for group in groups:
+            for n in self.groups[group]:
+                src, orig = self.where[n]
+                hf[n] = self.readers[src].get(orig)
+        return self._map(hf)
+
+
+def _numel(shape) -> int:
+    return math.prod(shape)
+
+
+def _coalesce(entries: list) -> list[tuple[list[str], list[str]]]:
+    """Merge consecutive entries while their total stays within the largest one and the part
+    keeps at most one layer of each stack (``stream_writer`` writes a part's layer as a
+    one-layer stack)."""
+    limit = max((e[2] for e in entries), default=0)
+    out: list = []
+    size, stacks = 0, set()
+    for groups, names, n in entries:
+        mine = {m.group(1).split(".layers.")[0] for m in map(_OUR_GROUP.match, names) if m}
+        if out and size + n <= limit and not (stacks & mine):
+            out[-1][0].extend(groups)
+            out[-1][1].extend(names)
+            size, stacks = size + n, stacks | mine
+        else:
+            out.append((list(groups), list(names)))
+            size, stacks = n, mine
+    return out

@@ -1,0 +1,205 @@
+"""Write a megatron-core (torch_dist) checkpoint one layer group at a time.
+
+megatron-core's ``dist_checkpointing.save`` writes a whole state dict at once, so a converter
+that calls it once must hold every tensor of its shard. Here each rank builds its model chunks
+on the ``meta`` device (no memory; the sharded state dict still knows every key, global shape,
+TP/PP offset and replica id), then, part by part, fills real tensors for one group of layers
+and saves just those with megatron-core into ``parts/NNNN/``. A part holds at most one layer of
+each stacked key (``decoder.layers.*``, ``vision.blocks.layers.*``), saved as a one-layer stack
+so that every part is a complete checkpoint by itself (megatron-core checks its access
+integrity; it also cannot describe a partial stack on a single rank). ``merge_parts`` then
+joins the parts into one checkpoint: per-rank ``.distcp`` files are concatenated (each item is
+addressed by file, offset and length, so only the offsets shift), the torch DCP ``.metadata``
+of the parts is merged with each layer put back at its index, and every tensor is checked to
+be covered exactly by its chunks. The result is what one
+``dist_checkpointing.save`` at the same layout would have written, without ``_extra_state``
+objects (``checkpointing.load_weights`` accepts their absence).
+
+Peak memory per rank: one group's input tensors, their canonical form and this rank's slices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import torch
+
+from megatron_emu.checkpoint.reader import _RENAMES, STACKED
+
+
+LAYERS_FILE = "layers.json"
+
+
+class MergeError(RuntimeError):
+    """The parts do not add up to a complete checkpoint (a bug, not bad input)."""
+
+
+def rank_targets(chunks: list) -> dict[str, list]:
+    """Canonical tensor name -> this rank's ShardedTensors that store part of it, each with its
+    offsets and the full shape within the canonical (unstacked) tensor:
+    ``{name: [(ShardedTensor, offsets, shape), ...]}``. ``_extra_state`` objects are left out.
+    SwiGLU's fc1 factory becomes its two stored halves (gate and up rows)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    sharded = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    apply_factories(sharded)
+    targets: dict[str, list] = {}
+    for sh in nested_values(sharded):
+        if not isinstance(sh, ShardedTensor) or "_extra_state" in sh.key:
+            continue
+        if sh.prepend_axis_num:
+            prefix = next(p for p in STACKED if sh.key.startswith(p))
+            rest = sh.key[len(prefix):]
+            name = f"{prefix}{sh.global_offset[0]}.{_RENAMES.get(rest, rest)}"
+            targets.setdefault(name, []).append((sh, tuple(sh.global_offset[1:]), tuple(sh.global_shape[1:])))
+        else:
+            targets.setdefault(sh.key, []).append((sh, tuple(sh.global_offset), tuple(sh.global_shape)))
+    return targets
+
+
+def part_layers(names: list[str]) -> dict[str, int]:
+    """Stacked-key prefix -> the one layer index a part's canonical names hold of it."""
+    out: dict[str, int] = {}
+    for n in names:
+        for prefix in STACKED:
+            if n.startswith(prefix):
+                i = int(n[len(prefix):].split(".", 1)[0])
+                if out.setdefault(prefix, i) != i:
+                    raise ValueError(f"a part holds layers {out[prefix]} and {i} of {prefix}*")
+    return out
+
+
+def fill(target, offsets: tuple, full: torch.Tensor, dtype: torch.dtype):
+    """A copy of ``target`` (a meta ShardedTensor) holding its region of the canonical ``full``
+    tensor as its own, contiguous storage (so only the region is written). A stacked key's
+    tensor is addressed as a one-layer stack (its part is then complete on its own; the merge
+    puts the layer back at its index)."""
+    region = full[tuple(slice(o, o + n) for o, n in zip(offsets, target.data.shape))]
+    data = region.to(dtype=dtype, copy=True).contiguous()
+    if target.prepend_axis_num:
+        return dataclasses.replace(target, data=data, global_shape=(1, *target.global_shape[1:]),
+                                   global_offset=(0, *target.global_offset[1:]),
+                                   axis_fragmentations=(1, *target.axis_fragmentations[1:]))
+    return dataclasses.replace(target, data=data)
+
+
+def save_part(part_dir: Path, tensors: list, layers: dict[str, tuple[int, int]]) -> None:
+    """Collective: every rank saves its (possibly empty) list of filled ShardedTensors;
+    ``layers``: stacked-key prefix -> (layer index, layer count) of this part, for the merge."""
+    from megatron.core import dist_checkpointing
+
+    if torch.distributed.get_rank() == 0:
+        part_dir.mkdir(parents=True, exist_ok=False)
+    torch.distributed.barrier()
+    dist_checkpointing.save({f"t{i}": sh for i, sh in enumerate(tensors)}, str(part_dir))
+    if torch.distributed.get_rank() == 0:
+        (part_dir / LAYERS_FILE).write_text(json.dumps(layers))
+    torch.distributed.barrier()
+
+
+def _append(src: Path, dest: Path) -> int:
+    """Append ``src`` to ``dest`` (moved when ``dest`` does not exist); returns the offset at
+    which ``src``'s bytes now start."""
+    if not dest.exists():
+        os.replace(src, dest)
+        return 0
+    start = dest.stat().st_size
+    with open(src, "rb") as fin, open(dest, "ab") as fout:
+        shutil.copyfileobj(fin, fout, 64 << 20)
+    src.unlink()
+    return start
+
+
+def merge_parts(parts: list[Path], out: Path) -> dict:
+    """Join the part checkpoints (in order) into ``out``; returns ``{key: global shape}``.
+    Removes the parts."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict = {}
+    storage: dict = {}
+    planner: dict = {}
+    first = None
+    for part in parts:
+        md = FileSystemReader(str(part)).read_metadata()  # written just now by save_part
+        first = first or md
+        shift = {f.name: _append(f, out / f.name) for f in sorted(part.glob("*.distcp"))}
+        layers = json.loads((part / LAYERS_FILE).read_text())
+
+        def placed(key: str, offsets) -> torch.Size:  # a one-layer stack -> its layer's offsets
+            prefix = next((p for p in STACKED if key.startswith(p)), None)
+            if prefix is None:
+                return torch.Size(offsets)
+            return torch.Size((offsets[0] + layers[prefix][0], *offsets[1:]))
+
+        repeated = set()  # non-tensor entries (megatron-core >= 0.17 keeps its common state in
+        # the DCP files as bytes): every part writes the same one; the first part's is kept
+        for key, tmd in md.state_dict_metadata.items():
+            if not hasattr(tmd, "chunks"):
+                if key in tensors:
+                    repeated.add(key)
+                else:
+                    tensors[key] = tmd
+                continue
+            prefix = next((p for p in STACKED if key.startswith(p)), None)
+            size = torch.Size((layers[prefix][1], *tmd.size[1:])) if prefix else tmd.size
+            tmd = dataclasses.replace(tmd, size=size, chunks=[
+                dataclasses.replace(c, offsets=placed(key, c.offsets)) for c in tmd.chunks])
+            if key not in tensors:
+                tensors[key] = tmd
+                continue
+            have = tensors[key]
+            if tuple(have.size) != tuple(tmd.size) or have.properties.dtype != tmd.properties.dtype:
+                raise MergeError(f"{key}: parts disagree on shape/dtype ({have.size} vs {tmd.size})")
+            have.chunks.extend(tmd.chunks)
+        for index, info in md.storage_data.items():
+            if index.fqn in repeated:
+                continue
+            if index.offset is not None:
+                index = dataclasses.replace(index, offset=placed(index.fqn, index.offset))
+            if index in storage:
+                raise MergeError(f"{index.fqn} at {tuple(index.offset)} is written by two parts")
+            storage[index] = dataclasses.replace(info, offset=info.offset + shift[info.relative_path])
+        if isinstance(md.planner_data, dict):
+            planner.update(md.planner_data)
+    if first is None:
+        raise MergeError("no parts to merge")
+    check_coverage(tensors)
+    merged = dataclasses.replace(first, state_dict_metadata=tensors, storage_data=storage,
+                                 planner_data=planner if isinstance(first.planner_data, dict) else first.planner_data)
+    tmp = out / ".metadata.tmp"
+    with open(tmp, "wb") as f:  # torch DCP's own metadata format (FileSystemWriter.finish)
+        pickle.dump(merged, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / ".metadata")
+    for name in ("metadata.json", "common.pt"):
+        if (parts[0] / name).is_file():
+            shutil.copy2(parts[0] / name, out / name)
+    for part in parts:
+        shutil.rmtree(part, ignore_errors=True)
+    return {k: tuple(v.size) for k, v in tensors.items() if hasattr(v, "chunks")}
+
+
+def check_coverage(tensors: dict) -> None:
+    """Every tensor's chunks lie inside it, start at distinct offsets and add up to its volume."""
+    for key, tmd in tensors.items():
+        if not hasattr(tmd, "chunks"):
+            continue
+        size = tuple(tmd.size)
+        seen, volume = set(), 0
+        for c in tmd.chunks:
+            offsets, sizes = tuple(c.offsets), tuple(c.sizes)
+            if offsets in seen or any(o < 0 or o + n > s for o, n, s in zip(offsets, sizes, size)):
+                raise MergeError(f"{key}: chunk at {offsets} of size {sizes} overlaps or leaves {size}")
+            seen.add(offsets)
+            volume += math.prod(sizes)
+        if volume != math.prod(size):
+            raise MergeError(f"{key}: chunks cover {volume} of {math.prod(size)} elements")
