@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One prepared GPU session: build the CUDA extension, run the GPU tests and the GPU benchmarks,
-# and check the CPU suite against the newest megatron-core. Meant for a lent H100 with no
-# network: wheels travel in .whl/{m16,m19,common} (see docs/benchmarks.md for how they are
-# fetched). Each step has its own time limit and log under $OUT; a failing step does not stop
-# the next one. Usage: bash bench/gpu_checks.sh [steps...]   (default: all)
+# and check the CPU suite against the newest megatron-core. Meant for a GPU machine with torch
+# but no network: the missing wheels travel in .whl/, fetched beforehand with
+#   W="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64"
+#   pip download $W -d .whl/m16 megatron-core==0.16.1; pip download $W -d .whl/m19 megatron-core==0.19.2
+#   pip download --no-deps -d .whl/common webdataset==1.0.2 braceexpand
+# Each step has its own time limit and log under $OUT; a failing step does not stop the next.
+# Figures from a run are in docs/benchmarks.md. Usage: bash bench/gpu_checks.sh [steps...]
 set -u
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS="ignore::FutureWarning,ignore::UserWarning"
