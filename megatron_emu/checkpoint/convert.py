@@ -42,9 +42,9 @@ class ConversionError(ValueError):
     """Input that cannot be converted; the message says why. Nothing was written."""
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: bool, unit: str = "tensor"):
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
 
 
 def _staging(out: Path) -> Path:
@@ -197,7 +197,7 @@ def hf_to_mcore(out: str | Path, *, hf: Optional[str] = None, llama: Optional[st
         from megatron_emu.parallel.local_launch import run_local
 
         counts = run_local(tp * pp, _save_rank, cfg, {k: str(v.dir) for k, v in source.items()}, str(tmp),
-                           progress)
+                           progress, cpu_only=True)
         parts = sorted((tmp / "parts").iterdir())
         stream_writer.merge_parts(parts, tmp)
         (tmp / "parts").rmdir()
@@ -265,24 +265,25 @@ def _save_rank(rank: int, cfg, dirs: dict, out: str, progress: bool) -> int:
         raise ConversionError(str(e)) from None
     dtype = getattr(torch, cfg.model.params_dtype)
     counts = {"decoder.layers.": cfg.model.lm.num_layers, "vision.blocks.layers.": cfg.model.vision.num_layers}
-    bar = _progress(len(plan), "hf-to-mcore", progress and rank == 0)
+    bar = _progress(len(plan), "hf-to-mcore", progress and rank == 0, unit="group")
     written = 0
     for k, (groups, names) in enumerate(plan):
         local = [n for n in names if n in targets]
-        canon = source.canonical(groups) if local and groups else {}
+        canon = source.canonical(groups) if any(n in source.given for n in local) else {}
         filled = []
         for n in local:
-            full = canon.get(n)
+            full = canon.pop(n, None)
             if full is None:
                 full = fresh_tensor(n, needed[n], cfg)
             elif source.vocab_rows.get(n, needed[n][0]) < needed[n][0]:  # Emu2's added rows start fresh
                 rows = source.vocab_rows[n]
-                full[rows:] = fresh_tensor(n, needed[n], cfg)[rows:].to(full.dtype)
+                full[rows:] = fresh_tensor(n, needed[n], cfg, start_row=rows).to(full.dtype)
             filled += [stream_writer.fill(sh, offsets, full, dtype) for sh, offsets, _ in targets[n]]
+            full = None
         written += len(filled)
         layers = {prefix: (i, counts[prefix]) for prefix, i in stream_writer.part_layers(names).items()}
         stream_writer.save_part(Path(out) / "parts" / f"{k:05d}", filled, layers)
-        del canon, filled
+        canon = filled = None  # nothing of this group outlives its part
         bar.update(1)
     bar.close()
     return written

@@ -4,7 +4,7 @@
 
 The rules are the model's own initialisation (megatron-core's ``init_method`` /
 ``output_layer_init_method``, zero biases, unit norms, and ``model/vision.py``'s embeddings);
-``tests/conversion/test_fresh_init.py`` holds them against a really initialised model. Values
+``tests/conversion/test_stream.py`` holds them against a really initialised model. Values
 come from a generator seeded by (seed, canonical name), so they do not depend on the layout the
 checkpoint is written at.
 """
@@ -26,12 +26,15 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 
 def fresh_tensor(name: str, shape: tuple[int, ...], cfg, seed: int | None = None,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                 dtype: torch.dtype = torch.float32, start_row: int = 0) -> torch.Tensor:
     """The initial value of canonical tensor ``name`` (``vision.blocks.layers.3.mlp.linear_fc2.weight``,
-    ``embedding.word_embeddings.weight``, ...) with the full, unsharded ``shape``."""
+    ``embedding.word_embeddings.weight``, ...) with the full, unsharded ``shape``; with
+    ``start_row``, only rows ``start_row:`` (e.g. vocabulary rows an input lacks), drawn on
+    their own so the rest is never materialised."""
     seed = cfg.train.seed if seed is None else seed
     std = cfg.model.init_method_std
-    gen = _generator(seed, name)
+    gen = _generator(seed, name if not start_row else f"{name}[{start_row}:]")
+    shape = (shape[0] - start_row, *shape[1:])
     if _NORM.search(name):
         return (torch.ones if name.endswith("weight") else torch.zeros)(shape, dtype=dtype)
     if name.endswith(".bias") and not name.startswith("vision.patch_embed"):

@@ -47,6 +47,7 @@ class CanonicalSource:
         if "vision" in self.readers and not any(n.startswith("model.visual.") for n in self.where):
             raise SourceError("--vision has no visual.* / model.visual.* tensors")
         self.vocab_rows: dict[str, int] = {}  # canonical vocab tensor -> rows the input gives
+        self.given: set[str] = set()  # canonical names the inputs provide (filled by plan)
         # HF layer prefix (or a lone tensor's name) -> its HF tensor names, in input order.
         self.groups: dict[str, list[str]] = {}
         for n in self.where:
@@ -65,7 +66,7 @@ class CanonicalSource:
         then the tensors to initialise fresh grouped by layer; consecutive small groups are
         merged up to the largest group's size. Raises SourceError for an unknown key, a shape
         mismatch or a missing required tensor."""
-        entries, given = [], set()
+        entries = []
         for group, members in self.groups.items():
             metas = {}
             for n in members:
@@ -81,9 +82,9 @@ class CanonicalSource:
             for n, t in metas.items():
                 if n in (HF_LM + "embed_tokens.weight", HF_LM_HEAD):
                     self.vocab_rows[VOCAB_NAMES[0] if "embed_tokens" in n else VOCAB_NAMES[1]] = t.shape[0]
-            given |= set(canon)
+            self.given |= set(canon)
             entries.append(([group], sorted(canon), sum(t.numel() for t in canon.values())))
-        fresh = [n for n in needed if n not in given]
+        fresh = [n for n in needed if n not in self.given]
         missing = sorted(n for n in fresh if n.startswith(required))
         if missing:
             raise SourceError(f"the input lacks {len(missing)} model tensor(s), e.g. {missing[:3]}")

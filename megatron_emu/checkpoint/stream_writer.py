@@ -126,7 +126,11 @@ def merge_parts(parts: list[Path], out: Path) -> dict:
     tensors: dict = {}
     storage: dict = {}
     planner: dict = {}
+    extras: dict = {}  # e.g. megatron-core's ``mcore_data``, when a version sets it
     first = None
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    fields = {f.name for f in dataclasses.fields(Metadata)}
     for part in parts:
         md = FileSystemReader(str(part)).read_metadata()  # written just now by save_part
         first = first or md
@@ -169,11 +173,18 @@ def merge_parts(parts: list[Path], out: Path) -> dict:
             storage[index] = dataclasses.replace(info, offset=info.offset + shift[info.relative_path])
         if isinstance(md.planner_data, dict):
             planner.update(md.planner_data)
+        for attr, value in vars(md).items():  # attributes set beside the dataclass fields
+            if attr not in fields and isinstance(value, dict):
+                extras.setdefault(attr, {}).update(value)
+            elif attr not in fields:
+                extras.setdefault(attr, value)
     if first is None:
         raise MergeError("no parts to merge")
     check_coverage(tensors)
     merged = dataclasses.replace(first, state_dict_metadata=tensors, storage_data=storage,
                                  planner_data=planner if isinstance(first.planner_data, dict) else first.planner_data)
+    for attr, value in extras.items():
+        setattr(merged, attr, value)
     tmp = out / ".metadata.tmp"
     with open(tmp, "wb") as f:  # torch DCP's own metadata format (FileSystemWriter.finish)
         pickle.dump(merged, f)

@@ -38,7 +38,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-TESTED_VERSIONS = ("0.16.1",)
+TESTED_VERSIONS = ("0.16.1", "0.19.2")
 _ACTIVE = False
 
 _FACTORIES = (
@@ -188,7 +188,9 @@ def activate() -> bool:
     global _ACTIVE
     if _ACTIVE:
         return True
-    if torch.cuda.is_available():
+    from megatron_emu.utils import device
+
+    if device.has_cuda():
         return False
     _import_megatron_eagerly()
     import megatron.core

@@ -16,9 +16,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, cpu_only: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
+    if cpu_only:  # CPU + gloo even on a GPU node (before anything asks for a device)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
         queue.put((rank, True, fn(rank, *args)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
@@ -31,13 +33,15 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, queu
         destroy()
 
 
-def run_local(world: int, fn: Callable, *args: Any) -> list[Any]:
+def run_local(world: int, fn: Callable, *args: Any, cpu_only: bool = False) -> list[Any]:
     """``fn(rank, *args)`` on ``world`` forked ranks with ``torch.distributed`` env set; returns
     the results by rank or raises with the first failing rank's traceback. Always forks (also
-    for one rank), so the calling process never holds a process group or its threads."""
+    for one rank), so the calling process never holds a process group or its threads.
+    ``cpu_only``: the ranks hide any GPU (CPU tensors, gloo), as the converter wants."""
     ctx = mp.get_context("fork")
     queue, port = ctx.SimpleQueue(), _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, args, queue, cpu_only))
+             for r in range(world)]
     for p in procs:
         p.start()
     results, error = {}, None

@@ -230,9 +230,20 @@ def load_model_state(ckpt: str | Path, model: list) -> None:
     request = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
     state, _, absent = dist_checkpointing.load(request, str(ckpt), strict=StrictHandling.RETURN_UNEXPECTED)
     wanted = sorted(k for k in absent if not k.endswith("_extra_state"))
-    if wanted:
-        raise CheckpointError(f"{ckpt} lacks {len(wanted)} model tensor(s) this model needs, e.g. {wanted[:3]}")
-    _load_model(chunks, state, allow_missing_extra_state=bool(absent))
+    problem = f"{ckpt} lacks {len(wanted)} model tensor(s) this model needs, e.g. {wanted[:3]}" if wanted else ""
+    if not problem:
+        try:
+            _load_model(chunks, state, allow_missing_extra_state=bool(absent))
+        except CheckpointError as e:
+            problem = str(e)
+    # Ranks see different keys: agree before raising, so no rank is left waiting in a collective.
+    from megatron_emu.utils import device
+
+    flag = torch.tensor([1.0 if problem else 0.0], device=device.device())
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item():
+        raise CheckpointError(problem or f"another rank could not load its part of {ckpt} (see its log)")
 
 
 def _load_model(model: list, state: dict, allow_missing_extra_state: bool = False) -> None:

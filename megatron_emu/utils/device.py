@@ -11,6 +11,10 @@ import torch
 
 
 def has_cuda() -> bool:
+    """A GPU is present and not hidden (``CUDA_VISIBLE_DEVICES=""`` hides it, also when the
+    CUDA runtime was initialised before the variable was set, e.g. in a forked CPU-only rank)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return False
     return torch.cuda.is_available()
 
 
