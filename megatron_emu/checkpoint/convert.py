@@ -191,7 +191,6 @@ def hf_to_mcore(out: str | Path, *, hf: Optional[str] = None, llama: Optional[st
         cfg = validate(cfg, tp * pp)
     except Exception as e:  # ConfigError and friends: name what is wrong, write nothing
         raise ConversionError(f"configuration: {e}") from None
-    _check_inputs(source)
     tmp = _staging(Path(out))
     try:
         from megatron_emu.parallel.local_launch import run_local
@@ -224,12 +223,6 @@ def config_from_hf(hf: str, extra: list[str] = ()):
          f"train.seq_length={hf_cfg.get('max_position_embeddings', 2048)}", *extra]
     return from_dict(apply_overrides({"model": {"vision": {}, "adapter": {}, "lm": {},
                                                "params_dtype": "float32"}}, sets))
-
-
-def _check_inputs(source: dict) -> None:
-    """Open every input (index, shards) before any work; readers re-open them per rank."""
-    for reader in source.values():
-        reader.keys()
 
 
 def _gather_needed(targets: dict) -> dict:

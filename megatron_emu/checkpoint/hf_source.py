@@ -93,7 +93,7 @@ class CanonicalSource:
             m = _OUR_GROUP.match(n)
             by_layer.setdefault(m.group(1) if m else n, []).append(n)
         for names in by_layer.values():
-            entries.append(([], names, sum(_numel(needed[n]) for n in names)))
+            entries.append(([], names, sum(math.prod(needed[n]) for n in names)))
         return _coalesce(entries)
 
     def canonical(self, groups: list[str]) -> dict[str, torch.Tensor]:
@@ -104,10 +104,6 @@ class CanonicalSource:
                 src, orig = self.where[n]
                 hf[n] = self.readers[src].get(orig)
         return self._map(hf)
-
-
-def _numel(shape) -> int:
-    return math.prod(shape)
 
 
 def _coalesce(entries: list) -> list[tuple[list[str], list[str]]]:
