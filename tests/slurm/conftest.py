@@ -32,12 +32,16 @@ def cluster():
     if reason:
         pytest.skip(reason)
     env = {**os.environ, "SLURM_CI_NODES": str(NODES), "SLURM_CI_TIMEOUT": "120"}
+    # A cluster that is already up (CI's, or another checkout's test run) is left running.
+    was_up = subprocess.run(["bash", str(HERE / "cluster.sh"), "status"], env=env, capture_output=True,
+                            timeout=60).returncode == 0
     proc = subprocess.run(["bash", str(HERE / "cluster.sh"), "start"], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, f"could not start SLURM:\n{proc.stderr[-3000:]}"
     yield
-    subprocess.run(["scancel", "--user", "root"], capture_output=True)
-    subprocess.run(["bash", str(HERE / "cluster.sh"), "stop"], env=env, capture_output=True, timeout=120)
+    if not was_up:
+        subprocess.run(["scancel", "--user", "root"], capture_output=True)
+        subprocess.run(["bash", str(HERE / "cluster.sh"), "stop"], env=env, capture_output=True, timeout=120)
 
 
 class Slurm:
