@@ -157,7 +157,26 @@ class _PlanSampler:
 
 
 def _worker_init(_worker_id: int) -> None:
+    """Stop signals are for the rank: SLURM and Kubernetes signal every process, and torch's
+    worker handler dies of a SIGTERM not sent by its parent, which takes the rank down before it
+    can save. A worker ignores SIGUSR1 and SIGINT, and leaves on SIGTERM only when its parent
+    (the DataLoader shutting it down) sends it."""
+    import os
+    import signal
+    import threading
+
     torch.set_num_threads(1)
+    for sig in (signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # only the thread below takes it
+    parent = os.getppid()
+
+    def exit_when_the_parent_asks() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=exit_when_the_parent_asks, name="sigterm", daemon=True).start()
 
 
 def dataset_fingerprint(meta: dict, n_docs: int) -> str:
