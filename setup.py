@@ -81,6 +81,7 @@ setup(
     entry_points={
         "console_scripts": [
             "megatron-emu-train=megatron_emu.cli.train:main",
+            "megatron-emu-launch=megatron_emu.cli.launch:main",
             "megatron-emu-data=data_tools.cli:main",
             "megatron-emu-convert=megatron_emu.cli.convert:main",
             "megatron-emu-generate=megatron_emu.cli.generate:main",

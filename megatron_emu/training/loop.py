@@ -26,12 +26,14 @@ from megatron_emu.data.loader import EmuDataLoader, LoaderSpec
 from megatron_emu.model.builder import build_model_chunks
 from megatron_emu.parallel.groups import destroy, init_distributed, init_model_parallel
 from megatron_emu.training import checkpointing as ckpt
+from megatron_emu.training import exit_status
 from megatron_emu.training.flops import step_flops
 from megatron_emu.training.metrics import MetricsWriter
 from megatron_emu.training.optimizer import build_optimizer
 from megatron_emu.training.schedule import forward_backward, wrap_ddp, zero_grads
 from megatron_emu.training.signals import StopRequest
 from megatron_emu.utils import device
+from megatron_emu.utils.stop_signals import StopSignals
 
 log = logging.getLogger("megatron_emu.train")
 
@@ -63,7 +65,7 @@ def _layout(cfg: EmuConfig, dp: int) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: EmuConfig):
+    def __init__(self, cfg: EmuConfig, signals: StopSignals | None = None):
         self.cfg = cfg
         init_distributed()
         self.rank = torch.distributed.get_rank()
@@ -88,7 +90,7 @@ class Trainer:
             raise TrainingError(f"data: {e}") from None
         self.progress = Progress()
         self.metrics = MetricsWriter(cfg.run.dir, enabled=self.rank == 0, log_interval=cfg.run.log_interval)
-        self.stop = StopRequest(cfg.train.exit_duration_mins)
+        self.stop = StopRequest(cfg.train.exit_duration_mins, signals)
         self.async_queue = None
         if cfg.checkpoint.async_save:
             if not device.has_cuda():
@@ -257,14 +259,9 @@ class Trainer:
         """``run.dir/exit_status.json``: why the job ended (batch scripts requeue on "stopped"
         by a signal or time budget, not on "finished")."""
         if self.rank == 0:
-            import json
-
-            record = {"status": status, "reason": reason, "iteration": self.progress.iteration,
-                      "train_iters": self.cfg.train.train_iters}
-            path = Path(self.cfg.run.dir) / "exit_status.json"
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record) + "\n")
-            os.replace(tmp, path)
+            exit_status.write(self.cfg.run.dir, {"status": status, "reason": reason,
+                                                 "iteration": self.progress.iteration,
+                                                 "train_iters": self.cfg.train.train_iters})
 
     def close(self) -> None:
         if self.async_queue is not None:  # publish what is still being written
@@ -290,18 +287,28 @@ def _memory_gib() -> float | None:
         return None
 
 
-def train(cfg: EmuConfig) -> int:
-    """Run the job on this rank; returns the exit code."""
+def train(cfg: EmuConfig, signals: StopSignals | None = None) -> int:
+    """Run the job on this rank; returns the exit code. Every failure leaves
+    ``run.dir/exit_status.json`` with its reason (unexpected errors are then re-raised)."""
     trainer = None
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, signals)
         return trainer.run()
     except (TrainingError, ckpt.CheckpointError) as e:
         log.error("%s", e)
-        if trainer is not None:
-            trainer._exit_status("failed", str(e).splitlines()[0])
+        _record_failure(cfg, trainer, str(e))
         return 1
+    except BaseException as e:
+        _record_failure(cfg, trainer, f"{type(e).__name__}: {e}")
+        raise
     finally:
         if trainer is not None:
             trainer.close()
         destroy()
+
+
+def _record_failure(cfg: EmuConfig, trainer: Trainer | None, reason: str) -> None:
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", 0))
+    extra = {} if trainer is None else {"iteration": trainer.progress.iteration}
+    exit_status.write_failure(cfg.run.dir, (reason.strip().splitlines() or [""])[0], rank,
+                              train_iters=cfg.train.train_iters, **extra)

@@ -1,36 +1,40 @@
 """Graceful stops: SIGTERM / SIGUSR1 (preemption, SLURM's pre-timeout signal) and a wall-clock
-budget. A handler only sets a flag; the loop finishes the current step, and every rank agrees
-on stopping through one all-reduce, so all of them save the same iteration and exit 0."""
+budget. A handler only sets a flag (``megatron_emu.utils.stop_signals``, installed as early as
+the process can); the loop finishes the current step, and every rank agrees on stopping through
+one all-reduce, so all of them save the same iteration and exit 0."""
 
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from typing import Optional
 
 import torch
 
+from megatron_emu.utils.stop_signals import STOP_SIGNALS, StopSignals
+
 log = logging.getLogger("megatron_emu.train")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+__all__ = ["STOP_SIGNALS", "StopRequest"]
 
 
 class StopRequest:
-    def __init__(self, exit_duration_mins: Optional[float] = None):
+    """``signals``: handlers already installed by the entry point (kept, not restored here);
+    without it this object installs and restores its own."""
+
+    def __init__(self, exit_duration_mins: Optional[float] = None, signals: Optional[StopSignals] = None):
         self.start = time.monotonic()
         self.budget_s = None if exit_duration_mins is None else 60.0 * exit_duration_mins
-        self.received: Optional[str] = None
-        self._previous = {}
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._owned = signals is None
+        self.signals = StopSignals().install() if signals is None else signals
 
-    def _handle(self, signum, _frame) -> None:
-        self.received = signal.Signals(signum).name
+    @property
+    def received(self) -> Optional[str]:
+        return self.signals.received
 
     def should_stop(self, device: torch.device) -> Optional[str]:
         """The reason to stop now, agreed by all ranks (a collective: every rank calls it)."""
         local = 0
-        if self.received:
+        if self.signals.received:
             local = 1
         elif self.budget_s is not None and time.monotonic() - self.start >= self.budget_s:
             local = 2
@@ -39,5 +43,5 @@ class StopRequest:
         return {0: None, 1: "signal", 2: "train.exit_duration_mins reached"}[int(flag.item())]
 
     def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        if self._owned:
+            self.signals.restore()
