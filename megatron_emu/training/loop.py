@@ -124,6 +124,7 @@ class Trainer:
                 self.scheduler.load_state_dict(meta["scheduler"])
                 self.loader.load_state_dict(meta["data"])
                 self.progress.__dict__.update(Progress(**meta["progress"]).__dict__)
+                self.metrics.resume_at(self.progress.iteration)
                 log.info("resumed from %s: iteration %d, %d samples consumed", found,
                          self.progress.iteration, self.progress.consumed_samples)
                 return

@@ -27,11 +27,41 @@ class MetricsWriter:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", buffering=1)
+        self._open_tensorboard()
+
+    def _open_tensorboard(self, purge_step: Optional[int] = None) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"), purge_step=purge_step)
         except ImportError:  # pragma: no cover - tensorboard is a dependency
             log.warning("tensorboard is not installed: no event files (metrics.jsonl still written)")
+
+    def resume_at(self, step: int) -> None:
+        """The run resumed from the checkpoint of ``step``: the steps after it are done again, so
+        their old records (written before the stop or crash) are dropped from metrics.jsonl, as
+        is an unfinished last line, and TensorBoard hides its events after ``step``."""
+        if not self.enabled:
+            return
+        self._file.close()
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                record_step = json.loads(line).get("step")
+            except (ValueError, AttributeError):
+                record_step = None
+            if not line.endswith("\n") or (isinstance(record_step, int) and record_step > step):
+                dropped += 1
+            else:
+                kept.append(line)
+        if dropped:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(self.path)
+            log.info("metrics.jsonl: dropped %d record(s) after step %d (they are trained again)", dropped, step)
+        self._file = open(self.path, "a", buffering=1)
+        if self._tb is not None:
+            self._tb.close()
+            self._open_tensorboard(purge_step=step + 1)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
