@@ -43,29 +43,32 @@ class StopForwarder(threading.Thread):
         self.signal: signal.Signals | None = None
         self.killed = False
         self._sent: set[int] = set()
+        self._lock = threading.Lock()
 
     def run(self) -> None:
         import psutil
 
         me = psutil.Process()
-        self._request(signal.sigwait(STOP_SIGNALS), me)
-        deadline = time.monotonic() + self.grace_s
         while True:
-            info = signal.sigtimedwait(STOP_SIGNALS, 0.5)
-            if info is not None:  # another one (the time limit after the pre-timeout signal)
-                self._request(info.si_signo, me)
-            self._forward(me)
-            if time.monotonic() >= deadline:
-                self._kill(me)
-                return
+            signum = signal.sigwait(STOP_SIGNALS)
+            with self._lock:
+                first = self.signal is None
+                if signum != self.signal:  # SLURM may send the same one twice (to the step and via srun)
+                    _say(f"{signal.Signals(signum).name}: asking {len(me.children()) or 'the'} rank(s) to finish "
+                         f"the step, save a checkpoint and exit (killed after {self.grace_s:g} s)")
+                self.signal, self._sent = signal.Signals(signum), set()
+                self._forward(me)
+            if first:
+                threading.Thread(target=self._supervise, args=(me,), name="stop-supervisor", daemon=True).start()
 
-    def _request(self, signum: int, me) -> None:
-        if signum != self.signal:  # SLURM may send the same one twice (to the step, and via srun)
-            ranks = len(me.children())
-            _say(f"{signal.Signals(signum).name}: asking {ranks or 'the'} rank(s) to finish the step, save a "
-                 f"checkpoint and exit (killed after {self.grace_s:g} s)")
-        self.signal, self._sent = signal.Signals(signum), set()
-        self._forward(me)
+    def _supervise(self, me) -> None:
+        """Ranks started after the signal get it too; those left at the deadline are killed."""
+        deadline = time.monotonic() + self.grace_s
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            with self._lock:
+                self._forward(me)
+        self._kill(me)
 
     def _forward(self, me) -> None:
         for child in me.children():

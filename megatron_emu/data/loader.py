@@ -168,6 +168,9 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
     for sig in (signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: the sender cannot be told; ignore it as well
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # only the thread below takes it
     parent = os.getppid()
 
