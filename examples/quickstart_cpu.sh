@@ -27,7 +27,8 @@ megatron-emu-data preprocess --format mmc4 --input "$WORKDIR/raw/mmc4/docs.jsonl
     --tokenizer "$WORKDIR/tokenizer" --out "$WORKDIR/data/mmc4" --image-size 56 --workers 2 --no-progress >/dev/null
 megatron-emu-data inspect "$WORKDIR/data/mmc4" --show 1
 
-TRAIN=(python -m torch.distributed.run --standalone --nproc-per-node 4 -m megatron_emu.train
+# megatron_emu.launch = torchrun (same options) that turns SIGTERM / SIGUSR1 into a checkpoint and exit 0.
+TRAIN=(python -m megatron_emu.launch --standalone --nproc-per-node 4 -m megatron_emu.train
        --config "$ROOT/examples/configs/emu2_tiny.yaml"
        --set "data.path=['3:$WORKDIR/data/pairs', '1:$WORKDIR/data/mmc4']"
        --set "data.tokenizer=$WORKDIR/tokenizer"
