@@ -234,8 +234,12 @@ def data_path_errors(cfg: EmuConfig) -> list[str]:
         else:
             import json
 
-            size = json.loads(meta_file.read_text()).get("image_size")
-            if size != cfg.model.vision.image_size:
+            meta = json.loads(meta_file.read_text())
+            size = meta.get("image_size")
+            if meta.get("incomplete"):
+                errors.append(f"data.path[{i}]: {directory} is an incomplete dataset ({meta['incomplete']}); "
+                              f"finish it by re-running its `megatron-emu-data preprocess` command")
+            elif size != cfg.model.vision.image_size:
                 errors.append(f"data.path[{i}]: images in {directory} are {size} px but "
                               f"model.vision.image_size is {cfg.model.vision.image_size}")
             if cfg.data.tokenizer:
