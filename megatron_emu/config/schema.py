@@ -165,6 +165,9 @@ class DataConfig:
     pair_image_first_prob: float = 0.5
     # Documents looked ahead to fill a sequence when packing.
     packing_lookahead: int = 16
+    # A bad sample (corrupt image, truncated shard) is skipped, logged and counted (bad_samples
+    # in metrics.jsonl); this many in a row stop the job with an error (docs/data.md).
+    max_consecutive_bad_samples: int = 100
 
     def __post_init__(self):
         if isinstance(self.path, str):  # `--set data.path=/dir`: one dataset

@@ -208,6 +208,8 @@ def _data(errors: list[str], cfg: EmuConfig) -> None:
         errors.append(f"data.pair_image_first_prob ({d.pair_image_first_prob}) must be in [0, 1]")
     if d.packing_lookahead < 1:
         errors.append(f"data.packing_lookahead ({d.packing_lookahead}) must be >= 1")
+    if d.max_consecutive_bad_samples < 1:
+        errors.append(f"data.max_consecutive_bad_samples ({d.max_consecutive_bad_samples}) must be >= 1")
     if d.num_workers < 0:
         errors.append(f"data.num_workers ({d.num_workers}) must be >= 0")
     if d.max_images_per_sequence < 0:

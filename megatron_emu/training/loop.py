@@ -22,6 +22,7 @@ from megatron_emu.config import derived
 from megatron_emu.config.io import dump_config
 from megatron_emu.config.schema import EmuConfig
 from megatron_emu.data import special_tokens as st
+from megatron_emu.data.bad_samples import BadDataError
 from megatron_emu.data.loader import EmuDataLoader, LoaderSpec
 from megatron_emu.model.builder import build_model_chunks
 from megatron_emu.parallel.groups import destroy, init_distributed, init_model_parallel
@@ -155,7 +156,9 @@ class Trainer:
     def step(self) -> dict:
         cfg, p = self.cfg, self.progress
         t0 = time.perf_counter()
+        bad_before = getattr(self.loader, "bad_samples", 0)
         batches, images = self._microbatches()
+        bad = getattr(self.loader, "bad_samples", 0) - bad_before
         zero_grads(self.model)
         self.optimizer.zero_grad()
         poison = (p.iteration + 1) in cfg.train.inject_nan_iterations
@@ -178,8 +181,9 @@ class Trainer:
         dt = time.perf_counter() - t0
         p.iteration += 1
         p.consumed_samples += cfg.train.global_batch_size
-        n_img = torch.tensor([images], dtype=torch.float64, device=self.dev)
+        n_img = torch.tensor([images, bad], dtype=torch.float64, device=self.dev)
         torch.distributed.all_reduce(n_img, group=self.pgs.dp)
+        n_img, n_bad = n_img[:1], int(n_img[1].item())
         world = torch.distributed.get_world_size()
         flops = step_flops(cfg, cfg.train.global_batch_size, int(n_img.item()))
         tflops = flops / dt / world / 1e12
@@ -192,6 +196,7 @@ class Trainer:
             "images_per_s": n_img.item() / dt, "tflops_per_gpu": tflops,
             "mfu": None if peak is None else tflops / peak, "memory_gib": _memory_gib(),
             "step_time_s": dt, "skipped": not ok, "skipped_total": p.skipped_total,
+            "bad_samples": n_bad,  # skipped by the loader this step, all DP ranks
         }
         self.metrics.write(record)
         if p.consecutive_skips >= cfg.train.max_consecutive_skips:
@@ -296,7 +301,7 @@ def train(cfg: EmuConfig) -> int:
     try:
         trainer = Trainer(cfg)
         return trainer.run()
-    except (TrainingError, ckpt.CheckpointError) as e:
+    except (TrainingError, ckpt.CheckpointError, BadDataError) as e:
         log.error("%s", e)
         if trainer is not None:
             trainer._exit_status("failed", str(e).splitlines()[0])
