@@ -6,7 +6,7 @@ it is complete.
   size and modification time (``mtime_ns``) as now, and the tar has the recorded size. An edited
   input therefore redoes its units. No content hash: hashing would read every input once more
   (terabytes for LAION-scale inputs) on every re-run; an edit that keeps both size and mtime is
-  not detected (delete the shard records to force it). Changes inside ``--images`` are not
+  not detected (delete the shard records, ``shard-*.json``, to force it). Changes inside ``--images`` are not
   tracked either.
 - ``--out`` holds *another* dataset when a shard record or ``dataset.json`` there was made with
   other options or from inputs that are not among this run's inputs; ``run`` refuses it unless
