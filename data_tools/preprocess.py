@@ -259,12 +259,15 @@ def run(opts: Options) -> dict:
     if todo:  # never an old index beside new shards
         outdir.mark_incomplete(out, f"{outdir.run_label()} did not finish")
     bar = _progress(len(mine), len(mine) - len(todo), opts.progress)
-    if opts.workers == 1 or len(todo) <= 1:
-        results = map(process_unit, todo)
-        _consume(results, records, units, bar)
-    else:
-        with mp.get_context("fork").Pool(min(opts.workers, len(todo))) as pool:
-            _consume(pool.imap_unordered(process_unit, todo), records, units, bar)
+    try:
+        if opts.workers == 1 or len(todo) <= 1:
+            _consume(map(process_unit, todo), records, units, bar)
+        else:
+            with mp.get_context("fork").Pool(min(opts.workers, len(todo))) as pool:
+                _consume(pool.imap_unordered(process_unit, todo), records, units, bar)
+    except BaseException:  # the pool's workers are gone now: so are their temporary files
+        outdir.clean_temp(out, mine, merge=False)
+        raise
     bar.close()
     if opts.num_tasks > 1:  # the merge step writes index/summary once all tasks are done
         done = [r for k, r in enumerate(records) if k in set(mine)]

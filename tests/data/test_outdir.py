@@ -138,10 +138,14 @@ def _tiny_filesystem() -> list[str] | None:
     return cmd if ok else None
 
 
-def test_a_full_disk_leaves_no_temporary_files(samples, inputs, tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_full_disk_leaves_no_temporary_files(workers, samples, inputs, tokenizer_dir, tmp_path):
+    """One unit outgrows the filesystem (1 worker), or three workers write at once and the first
+    failure stops the others mid-write (their files are removed too)."""
     out = tmp_path / "out"
     argv = run_args(samples, inputs, tokenizer_dir, out)
-    argv[argv.index("--shard-size") + 1] = "100"  # one shard: its tar outgrows the filesystem
+    argv[argv.index("--shard-size") + 1] = "100" if workers == 1 else "3"
+    argv[argv.index("--workers") + 1] = str(workers)
     unshare = _tiny_filesystem()
     cmd = [*(unshare or []), sys.executable, "-c", FULL_DISK, str(out), "tmpfs" if unshare else "fsize",
            json.dumps(argv)]
@@ -152,7 +156,7 @@ def test_a_full_disk_leaves_no_temporary_files(samples, inputs, tokenizer_dir, t
     assert result["rc"] == 2, proc.stderr
     error = [x for x in proc.stderr.splitlines() if "megatron-emu-data preprocess: error" in x]
     assert len(error) == 1 and ("No space left" in error[0] or "File too large" in error[0]), proc.stderr
-    assert "shard-000000.tar" in error[0]  # names the file
+    assert "shard-0000" in error[0] and ".tar" in error[0]  # names the file
     assert not [f for f in result["files"] if f.endswith((".tmp", ".tmp.npy"))], result["files"]
 
 
