@@ -156,9 +156,9 @@ class Trainer:
     def step(self) -> dict:
         cfg, p = self.cfg, self.progress
         t0 = time.perf_counter()
-        bad_before = getattr(self.loader, "bad_samples", 0)
+        bad_before = self.loader.bad_samples
         batches, images = self._microbatches()
-        bad = getattr(self.loader, "bad_samples", 0) - bad_before
+        bad = self.loader.bad_samples - bad_before
         zero_grads(self.model)
         self.optimizer.zero_grad()
         poison = (p.iteration + 1) in cfg.train.inject_nan_iterations
