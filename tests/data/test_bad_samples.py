@@ -147,6 +147,9 @@ def test_special_ids_in_stored_text_are_a_bad_sample(datasets, tmp_path):
         assert int((batch.tokens == 32003).sum()) == 4 * batch.images.shape[0]  # n_query per image
         assert not any("0:3" in keys for keys in batch.keys)
     assert loader.bad_samples >= 2
+    from data_tools.inspect import inspect
+
+    assert any("special token id in a text segment" in b for b in inspect(directory)["broken"])
 
 
 @pytest.mark.parametrize("decoder", ["pil", "dali_cpu", pytest.param("dali", marks=pytest.mark.gpu)])
