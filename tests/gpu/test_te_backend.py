@@ -2,6 +2,7 @@
 the local backend for the same weights."""
 
 import pytest
+import torch
 
 from tests.helpers import layouts, tiny
 from tests.helpers.dist import run_ranks
@@ -16,7 +17,9 @@ def _keys_and_loss(rank, cfg, weights, microbatches):
     keys = sorted(k for k, v in layouts._sharded(chunks)["model0"].items()
                   if not k.endswith("_extra_state"))
     layouts._load(chunks, weights)
-    losses = forward_backward(cfg, wrap_ddp(cfg, chunks, pgs), microbatches, forward_only=True)
+    dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
+    losses = forward_backward(cfg, wrap_ddp(cfg, chunks, pgs), microbatches, torch.device("cuda"),
+                              dtype, forward_only=True)
     return keys, [float(x["loss"]) for x in losses]
 
 
