@@ -179,6 +179,9 @@ def _train(errors: list[str], cfg: EmuConfig) -> None:
             errors.append("train.fp8 needs model.transformer_impl: transformer_engine")
         if cfg.model.params_dtype != "bfloat16":
             errors.append("train.fp8 needs model.params_dtype: bfloat16")
+    if cfg.model.transformer_impl == "transformer_engine" and cfg.model.attention_backend != "auto":
+        errors.append(f"model.attention_backend={cfg.model.attention_backend} applies to the local spec; "
+                      "transformer_impl: transformer_engine uses TE's fused attention (set auto)")
     for name in ("vision", "adapter", "lm", "regression_head"):
         value = getattr(tr.module_lr, name)
         if value is not None and value <= 0:

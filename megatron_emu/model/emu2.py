@@ -30,6 +30,7 @@ from megatron_emu.contracts.batch import Emu2Batch, make_batch
 from megatron_emu.data import special_tokens
 from megatron_emu.model import multimodal, specs
 from megatron_emu.model.adapter import Adapter, pool_patches
+from megatron_emu.model.embedding import make_sync_free
 from megatron_emu.model.heads import Emu2Heads
 from megatron_emu.model.megatron_config import (
     lm_transformer_config,
@@ -79,7 +80,7 @@ class Emu2Model(MegatronModule):
         self.input_tensor: Optional[torch.Tensor] = None
         if pre_process:
             self.vision = VisionEncoder(vision_transformer_config(cfg), cfg.model.vision, impl,
-                                        pg_collection)
+                                        pg_collection, cfg.model.attention_backend)
             self.adapter = Adapter(with_overrides(lm_config, sequence_parallel=False),
                                    cfg.model.vision.width, lm.hidden_size, pg_collection)
             self.embedding = LanguageModelEmbedding(
@@ -87,6 +88,7 @@ class Emu2Model(MegatronModule):
                 max_sequence_length=lm.max_position_embeddings, position_embedding_type="rope",
                 scatter_to_sequence_parallel=False, tp_group=pg_collection.tp,
             )
+            make_sync_free(self.embedding.word_embeddings)
         self.rotary_pos_emb = RotaryEmbedding(
             kv_channels=lm_config.kv_channels, rotary_percent=1.0, rotary_interleaved=False,
             rotary_base=lm.rope_theta, use_cpu_initialization=True,
@@ -95,7 +97,7 @@ class Emu2Model(MegatronModule):
         n_layers = get_num_layers_to_build(lm_config, vp_stage=vp_stage, pp_rank=pp_rank)
         self.decoder = TransformerBlock(
             config=lm_config,
-            spec=specs.block_spec(specs.lm_layer_spec(impl), n_layers, impl, post_process),
+            spec=specs.block_spec(specs.lm_layer_spec(impl, cfg.model.attention_backend), n_layers, impl, post_process),
             post_layer_norm=True, pre_process=True, post_process=post_process,
             pg_collection=pg_collection, vp_stage=vp_stage,
         )

@@ -24,6 +24,7 @@ from megatron_emu.config.schema import EmuConfig
 from megatron_emu.data.batch_source import BatchSource, cpu_tp_groups, stage_fields
 from megatron_emu.data.loader import EmuDataLoader, LoaderSpec
 from megatron_emu.model.builder import build_model_chunks
+from megatron_emu.model.megatron_config import fusion_plan
 from megatron_emu.parallel.groups import destroy, init_distributed, init_model_parallel
 from megatron_emu.training import checkpointing as ckpt
 from megatron_emu.training.flops import step_flops
@@ -121,6 +122,13 @@ class Trainer:
                  f" (virtual PP {self.layout['vpp']})" if self.layout["vpp"] else "", self.num_micro,
                  self.cfg.train.micro_batch_size, self.dev)
         log.info("model plan:\n%s", format_plan(plan(self.cfg, self.dp)))
+        model = self.cfg.model
+        attention = ("Transformer Engine fused attention" if model.transformer_impl == "transformer_engine"
+                     else {"auto": "torch SDPA", "sdpa": "torch SDPA",
+                           "unfused": "megatron-core unfused DotProductAttention"}[model.attention_backend])
+        kernels = fusion_plan(model.transformer_impl, device.has_cuda())
+        log.info("kernels: attention: %s; %s", attention,
+                 "; ".join(f"{name}: {f.how}" for name, f in kernels.items()))
 
     def resume_or_init(self) -> None:
         ck = self.cfg.checkpoint
