@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_emu.contracts.batch import FIRST_STAGE_FIELDS, LAST_STAGE_FIELDS, Emu2Batch
+from megatron_emu.utils import device
 
 _DTYPES = {"tokens": torch.int64, "labels": torch.int64, "ce_mask": torch.float32,
            "images": torch.uint8, "image_rows": torch.int64, "reg_rows": torch.int64,
@@ -79,7 +80,7 @@ class BatchSource:
             for i, name in enumerate(_ORDER):
                 t = getattr(batch, name)
                 if t is not None:
-                    header[i, :3] = torch.tensor([1, int(t.is_cuda), t.dim()])
+                    header[i, :3] = torch.tensor([1, int(t.device.type != "cpu"), t.dim()])
                     header[i, 3:3 + t.dim()] = torch.tensor(t.shape)
         dist.broadcast(header, self.src, group=self.cpu_group)
         return header
@@ -96,8 +97,8 @@ class BatchSource:
                 t = getattr(batch, name).contiguous()
             else:
                 shape = [int(x) for x in header[i, 3:3 + ndim]]
-                dev = torch.device("cuda", torch.cuda.current_device()) if on_device else "cpu"
-                t = torch.empty(shape, dtype=_DTYPES[name], device=dev)
+                t = torch.empty(shape, dtype=_DTYPES[name],
+                                device=device.device() if on_device else "cpu")
             if t.numel():
                 dist.broadcast(t, self.src, group=self.device_group if on_device else self.cpu_group)
             out[name] = t
@@ -112,9 +113,9 @@ def cpu_tp_groups(tp_group) -> Optional[object]:
     if dist.get_backend(tp_group) == "gloo":
         return tp_group
     tp = dist.get_world_size(tp_group)
-    mine = torch.tensor(dist.get_process_group_ranks(tp_group), dtype=torch.int64)
+    mine = torch.tensor(dist.get_process_group_ranks(tp_group), dtype=torch.int64, device=device.device())
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine.to(torch.cuda.current_device()) if torch.cuda.is_available() else mine)
+    dist.all_gather(every, mine)
     groups = sorted({tuple(int(r) for r in t.cpu()) for t in every})
     found = None
     for ranks in groups:  # every rank creates every group, in the same order

@@ -46,7 +46,7 @@ class Emu2Heads(MegatronModule):
         # loss equals that of the trimmed (Hugging Face) model.
         cols = torch.arange(rank * padded_vocab // tp, (rank + 1) * padded_vocab // tp)
         self.register_buffer("_vocab_pad", cols >= vocab_size, persistent=False)
-        self._has_padding = bool((cols >= vocab_size).any())
+        self._has_padding = (rank + 1) * padded_vocab // tp > vocab_size  # plain ints (meta-safe)
         self.output_layer = ColumnParallelLinear(
             config.hidden_size, padded_vocab, config=config, init_method=config.init_method,
             bias=False, gather_output=False, tp_group=self.tp_group,
