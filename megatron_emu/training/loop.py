@@ -175,6 +175,7 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         t0 = time.perf_counter()
         batches, images = self._microbatches()
+        data_wait = time.perf_counter() - t0  # the loader is host work: wall time is the wait
         zero_grads(self.model)
         self.optimizer.zero_grad()
         poison = (p.iteration + 1) in cfg.train.inject_nan_iterations
@@ -212,7 +213,8 @@ class Trainer:
             "tokens_per_s": cfg.train.global_batch_size * cfg.train.seq_length / dt,
             "images_per_s": n_img.item() / dt, "tflops_per_gpu": tflops,
             "mfu": None if peak is None else tflops / peak, "memory_gib": _memory_gib(),
-            "step_time_s": dt, "skipped": not ok, "skipped_total": p.skipped_total,
+            "step_time_s": dt, "data_wait_s": data_wait, "skipped": not ok,
+            "skipped_total": p.skipped_total,
         }
         self.metrics.write(record)
         if p.consecutive_skips >= cfg.train.max_consecutive_skips:
