@@ -112,7 +112,6 @@ def anchor_run(cfg, steps: int, warmup: int) -> dict:
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     out = {"step_time_s": statistics.median(times), "memory_gib": peak_memory_gib()}
-    del ddp, model, optimizer
     parallel_state.destroy_model_parallel()
     return out
 
