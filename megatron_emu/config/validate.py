@@ -228,6 +228,10 @@ def data_path_errors(cfg: EmuConfig) -> list[str]:
     errors = []
     if not cfg.data.path:
         errors.append("data.path: no dataset given (a directory from `megatron-emu-data preprocess`)")
+    if not cfg.data.tokenizer:
+        errors.append("data.tokenizer: required for training: the tokenizer directory the data was "
+                      "preprocessed with (`megatron-emu-data tokenizer`); checkpoints record it for "
+                      "conversion and generation")
     for i, entry in enumerate(cfg.data.path):
         head, sep, tail = entry.partition(":")
         directory = tail if sep and head.replace(".", "", 1).isdigit() else entry
