@@ -41,3 +41,21 @@ def test_training_requires_a_tokenizer(train_data):
     assert any(e.startswith("data.tokenizer: required for training") for e in data_path_errors(cfg))
     cfg = load_config(TINY, [f"data.path={data!r}", f"data.tokenizer={tok}"])
     assert data_path_errors(cfg) == []
+
+
+def test_sizes_print_in_adaptive_units():
+    from megatron_emu.utils import units
+
+    assert [units.count(n) for n in (950, 12_345, 2_264_640, 1.67e9, 36.9e9)] == \
+        ["950", "12.3 K", "2.26 M", "1.67 B", "36.9 B"]
+    assert [units.size_gib(g) for g in (0.5 / 2**20, 37.2 / 1024, 1010 / 1024, 91.24)] == \
+        ["512 B", "37.2 MiB", "1010 MiB", "91.2 GiB"]
+    assert [units.duration(s) for s in (4.21, 75, 3725, 200_000)] == ["4.2s", "1m15s", "1h02m", "2d07h"]
+
+
+def test_tiny_plan_prints_no_zero_sizes(capsys):
+    from megatron_emu.cli.train import main
+
+    assert main(["--config", str(TINY), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "0.00 B" not in out and " 0.0 " not in out and "MiB" in out and "(4.42 M)" in out
