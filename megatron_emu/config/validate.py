@@ -179,6 +179,9 @@ def _train(errors: list[str], cfg: EmuConfig) -> None:
             errors.append("train.fp8 needs model.transformer_impl: transformer_engine")
         if cfg.model.params_dtype != "bfloat16":
             errors.append("train.fp8 needs model.params_dtype: bfloat16")
+    if cfg.model.transformer_impl == "transformer_engine" and cfg.model.attention_backend != "auto":
+        errors.append(f"model.attention_backend={cfg.model.attention_backend} applies to the local spec; "
+                      "transformer_impl: transformer_engine uses TE's fused attention (set auto)")
     for name in ("vision", "adapter", "lm", "regression_head"):
         value = getattr(tr.module_lr, name)
         if value is not None and value <= 0:
@@ -227,6 +230,10 @@ def data_path_errors(cfg: EmuConfig) -> list[str]:
     errors = []
     if not cfg.data.path:
         errors.append("data.path: no dataset given (a directory from `megatron-emu-data preprocess`)")
+    if not cfg.data.tokenizer:
+        errors.append("data.tokenizer: required for training: the tokenizer directory the data was "
+                      "preprocessed with (`megatron-emu-data tokenizer`); checkpoints record it for "
+                      "conversion and generation")
     for i, entry in enumerate(cfg.data.path):
         head, sep, tail = entry.partition(":")
         directory = tail if sep and head.replace(".", "", 1).isdigit() else entry

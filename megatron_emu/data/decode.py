@@ -123,8 +123,20 @@ class DaliDecoder:
         return torch.from_numpy(np.array(out.as_tensor()))
 
 
+_STATS: dict = {}
+
+
+def _stats(dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP mean/std ``[1, 3, 1, 1]`` on ``dev``, made once per device (a copy from host memory
+    would otherwise synchronise every micro-batch)."""
+    key = str(dev)
+    if key not in _STATS:
+        _STATS[key] = tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(dev)
+                            for v in (CLIP_MEAN, CLIP_STD))
+    return _STATS[key]
+
+
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``uint8 [n, 3, H, W]`` (on the training device) -> CLIP-normalised ``dtype`` pixels."""
-    mean = torch.tensor(CLIP_MEAN, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    mean, std = _stats(images.device)
     return ((images.float() / 255.0 - mean) / std).to(dtype)

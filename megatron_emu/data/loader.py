@@ -23,8 +23,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_emu.contracts.batch import Emu2Batch, make_batch
 from megatron_emu.data import bad_samples as bad
 from megatron_emu.data import decode as dec
+from megatron_emu.data import special_tokens as st
 from megatron_emu.data import shard_format as sf
 from megatron_emu.data.plan import BlendedPlan, PackingSpec
 from megatron_emu.data.sequence import build_sequence, image_first
@@ -62,6 +64,8 @@ class LoaderSpec:
     # False on ranks that never see pixels (pipeline stages after the first): no decoding.
     decode_images: bool = True
     max_consecutive_bad: int = 100  # bad_samples.py
+    # Label ids excluded from cross-entropy (model.loss.ce_ignore_tokens), for the batch's CE mask.
+    ce_ignore_ids: tuple = ()
 
     @classmethod
     def from_config(cls, cfg, dp_rank: int = 0, dp_size: int = 1, decode_images: bool = True) -> "LoaderSpec":
@@ -72,7 +76,8 @@ class LoaderSpec:
                    dp_rank=dp_rank, dp_size=dp_size, num_workers=d.num_workers, seed=cfg.train.seed,
                    decoder=d.decoder, image_first_prob=d.pair_image_first_prob,
                    lookahead=d.packing_lookahead, decode_images=decode_images,
-                   max_consecutive_bad=d.max_consecutive_bad_samples)
+                   max_consecutive_bad=d.max_consecutive_bad_samples,
+                   ce_ignore_ids=tuple(st.token_id(t) for t in cfg.model.loss.ce_ignore_tokens))
 
 
 @dataclass
@@ -87,13 +92,11 @@ class LoaderBatch:
     images: torch.Tensor
     keys: list = field(default_factory=list)
 
-    def to_model(self, device: torch.device, dtype: torch.dtype = torch.float32):
-        """Move to the device and normalise the pixels there -> ``Emu2Batch``."""
-        from megatron_emu.model.multimodal import Emu2Batch
-
-        images = dec.normalize(self.images.to(device, non_blocking=True), dtype)
-        return Emu2Batch(tokens=self.tokens.to(device), labels=self.labels.to(device),
-                         loss_mask=self.loss_mask.to(device), images=images)
+    def to_batch(self, ce_ignore_ids) -> Emu2Batch:
+        """The model's micro-batch on the host, every position precomputed (``contracts.batch``);
+        pixels stay uint8 until the device normalises them."""
+        return make_batch(self.tokens, self.labels, self.loss_mask, self.images,
+                          image_id=st.IMAGE_ID, ce_ignore_ids=ce_ignore_ids)
 
 
 class SequenceReader(torch.utils.data.Dataset):

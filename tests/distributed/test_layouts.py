@@ -56,6 +56,9 @@ LAYOUTS = {
     "tp2pp2dp1_sp_frozen_vit": (2, 2, 1, True, None, ("train.freeze=['vision.*']",)),
     "tp2pp2dp1_sp_full_recompute": (2, 2, 1, True, None, ("train.recompute_granularity=full",)),
     "tp2pp1dp1_sp_selective_recompute": (2, 1, 1, True, None, ("train.recompute_granularity=selective",)),
+    # megatron-core's unfused attention against the same reference as the default (torch SDPA)
+    "tp1pp1dp1_unfused_attention": (1, 1, 1, False, None, ("model.attention_backend=unfused",)),
+    "tp2pp2dp1_sp_unfused_attention": (2, 2, 1, True, None, ("model.attention_backend=unfused",)),
 }
 
 

@@ -86,7 +86,7 @@ def run_layout(rank: int, cfg, weights: str, microbatches: list, grads_out: str)
     _load(chunks, weights)
     model = wrap_ddp(cfg, chunks, pgs)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    losses = forward_backward(cfg, model, microbatches[dp_rank::dp])
+    losses = forward_backward(cfg, model, microbatches[dp_rank::dp], torch.device("cpu"), torch.float32)
     if cfg.parallel.use_distributed_optimizer and dp > 1:
         _gather_distopt_grads(model)
     frozen = []
