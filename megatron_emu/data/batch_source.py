@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_emu.contracts.batch import FIRST_STAGE_FIELDS, LAST_STAGE_FIELDS, Emu2Batch
+from megatron_emu.data.bad_samples import BadDataError
 from megatron_emu.utils import device
 
 _DTYPES = {"tokens": torch.int64, "labels": torch.int64, "ce_mask": torch.float32,
@@ -54,11 +55,17 @@ class BatchSource:
     def __next__(self) -> Optional[Emu2Batch]:
         if not self.fields:
             return None
-        batch = None
+        batch, error = None, None
         if self.is_source:
-            batch = next(self.loader).to_batch(self.ce_ignore_ids).only(self.fields)
+            try:
+                batch = next(self.loader).to_batch(self.ce_ignore_ids).only(self.fields)
+            except Exception as e:  # noqa: BLE001 - re-raised here and on every peer below
+                error = e
         if self.cpu_group is not None:
+            self._share_error(error)
             batch = self._broadcast(batch)
+        elif error is not None:
+            raise error
         return batch.pin_memory() if self.pin else batch
 
     # -- state (only the source has a loader; rank 0 is always a source) ----------------------
@@ -79,6 +86,22 @@ class BatchSource:
             self.loader.close()
 
     # -- broadcast --------------------------------------------------------------------------
+    def _share_error(self, error: Optional[Exception]) -> None:
+        """The source's loader failed: every peer raises the same error, with the same one-line
+        message (``BadDataError`` stays itself), instead of waiting for a batch."""
+        text = b"" if error is None else str(error).encode()[:4096]
+        head = torch.tensor([len(text), int(isinstance(error, BadDataError))], dtype=torch.int64)
+        dist.broadcast(head, self.src, group=self.cpu_group)
+        if int(head[0]) == 0:
+            return
+        message = torch.frombuffer(bytearray(text), dtype=torch.uint8) if self.is_source else \
+            torch.empty(int(head[0]), dtype=torch.uint8)
+        dist.broadcast(message, self.src, group=self.cpu_group)
+        if error is not None:
+            raise error
+        text = bytes(message.tolist()).decode(errors="replace")
+        raise BadDataError(text) if int(head[1]) else RuntimeError(f"data loader of TP rank 0: {text}")
+
     def _header(self, batch: Optional[Emu2Batch]) -> torch.Tensor:
         header = torch.full((len(_ORDER), _SLOT), -1, dtype=torch.int64)
         if batch is not None:
