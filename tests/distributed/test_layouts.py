@@ -32,8 +32,9 @@ def setup(tmp_path_factory):
     params = {k: v.clone().requires_grad_(True) for k, v in hf.items()}
     ref_losses, total = [], 0.0
     for mb in microbatches:
-        out = reference.emu2_loss(params, rc, mb.tokens, mb.images, image_token_id=32003,
-                                  ce_ignore_ids=tiny.ce_ignore_ids(cfg), lm_weight=1.0, reg_weight=1.0)
+        out = reference.emu2_loss(params, rc, mb.tokens, mb.images,
+                                  image_token_id=reference.IMAGE_ID, ce_ignore_ids=reference.CE_IGNORE_IDS,
+                                  lm_weight=1.0, reg_weight=1.0)
         ref_losses.append({k: float(v.detach()) for k, v in out.items()})
         total = total + out["loss"] / len(microbatches)
     total.backward()

@@ -21,6 +21,12 @@ V = "model.visual."
 L = "model.decoder.lm.model."
 LM_HEAD = "model.decoder.lm.lm_head.weight"
 
+# Emu2 special ids (emu2_spec.md §1.6): [PAD] 32000, [IMG] 32001, [/IMG] 32002, <image> 32003.
+# Cross-entropy ignores labels at all four (§2, Emu1 lineage). Fixed here, never read from the
+# configuration under test, so a config or default that loses one of them is caught.
+IMAGE_ID = 32003
+CE_IGNORE_IDS = (32000, 32001, 32002, 32003)
+
 
 @dataclass
 class RefConfig:

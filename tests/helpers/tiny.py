@@ -73,7 +73,3 @@ def make_microbatches(cfg: EmuConfig, seed: int = 0) -> list[Emu2Batch]:
         images = torch.randn(n_img, 3, v.image_size, v.image_size, generator=g)
         out.append(Emu2Batch(tokens=tokens, labels=labels, loss_mask=loss_mask, images=images))
     return out
-
-
-def ce_ignore_ids(cfg: EmuConfig) -> list[int]:
-    return [st.token_id(t) for t in cfg.model.loss.ce_ignore_tokens]
