@@ -23,9 +23,8 @@ LOSS_TOL = 1e-5  # absolute, on losses of ~10
 GRAD_TOL = 1e-5  # relative to the largest reference gradient of the tensor
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    cfg = tiny.tiny_config()
+def _setup(tmp_path_factory, model_extra=()):
+    cfg = tiny.tiny_config(extra=model_extra)
     rc = tiny.ref_config(cfg)
     hf = reference.init_params(rc, seed=0)
     microbatches = tiny.make_microbatches(cfg, seed=1)
@@ -42,7 +41,21 @@ def setup(tmp_path_factory):
     weights = str(tmp_path_factory.mktemp("weights") / "ckpt")
     run_ranks(1, layouts.save_reference_weights, cfg, from_hf(hf, Dims.from_config(cfg)), weights)
     return {"cfg": cfg, "mbs": microbatches, "ref_losses": ref_losses, "ref_grads": ref_grads,
-            "weights": weights, "tmp": tmp_path_factory}
+            "weights": weights, "tmp": tmp_path_factory, "model_extra": model_extra}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return _setup(tmp_path_factory)
+
+
+# Grouped-query attention: 4 query heads share 2 key/value heads (1 per rank at TP2).
+GQA = ("model.lm.num_query_groups=2",)
+
+
+@pytest.fixture(scope="module")
+def setup_gqa(tmp_path_factory):
+    return _setup(tmp_path_factory, GQA)
 
 
 LAYOUTS = {
@@ -62,6 +75,7 @@ LAYOUTS = {
 
 def _compare(setup, name):
     tp, pp, dp, sp, vpp, extra = LAYOUTS[name]
+    extra = (*setup["model_extra"], *extra)
     cfg = tiny.tiny_config(tp=tp, pp=pp, vpp=vpp, sp=sp, extra=extra)
     grads_dir = str(setup["tmp"].mktemp(name) / "grads")
     results = run_ranks(tp * pp * dp, layouts.run_layout, cfg, setup["weights"], setup["mbs"], grads_dir)
@@ -79,7 +93,8 @@ def _compare(setup, name):
                 f"{name} micro-batch {i} {key}: {seen[i][key]} vs reference {setup['ref_losses'][i][key]}")
 
     # Gradients of every parameter, unsharded through dist_checkpointing.
-    canonical = run_ranks(1, layouts.load_unsharded, tiny.tiny_config(), grads_dir)[0]
+    unsharded_cfg = tiny.tiny_config(extra=setup["model_extra"])
+    canonical = run_ranks(1, layouts.load_unsharded, unsharded_cfg, grads_dir)[0]
     grads = to_hf(canonical, Dims.from_config(cfg))
     frozen = {f for r in results for f in r["frozen"]}
     assert set(grads) == set(setup["ref_grads"])
@@ -100,3 +115,9 @@ def test_layout_matches_reference(setup, name):
         assert frozen and all(f.startswith("vision.") for f in frozen)
     else:
         assert not frozen
+
+
+@pytest.mark.parametrize("name", ["tp1pp1dp1", "tp2pp2dp1_sp"])
+def test_grouped_query_attention_layout_matches_reference(setup_gqa, name):
+    assert setup_gqa["cfg"].model.lm.num_query_groups == 2 < setup_gqa["cfg"].model.lm.num_attention_heads
+    assert not _compare(setup_gqa, name)

@@ -38,7 +38,7 @@ def ref_config(cfg: EmuConfig) -> RefConfig:
         vision_eps=v.layer_norm_eps, n_query=cfg.model.adapter.n_query,
         hidden_size=lm.hidden_size, num_layers=lm.num_layers, num_heads=lm.num_attention_heads,
         ffn_hidden_size=lm.ffn_hidden_size, vocab_size=lm.vocab_size, rms_eps=lm.norm_eps,
-        rope_theta=lm.rope_theta,
+        rope_theta=lm.rope_theta, num_kv_heads=lm.num_query_groups,
     )
 
 
