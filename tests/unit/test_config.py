@@ -72,22 +72,6 @@ def test_37b_preset_matches_emu2_spec():
     assert derived.vision_seq_length(v) == 1025
 
 
-def test_default_ce_ignore_set_is_pad_and_the_image_tokens():
-    """Cross-entropy ignores labels at [PAD], [IMG], [/IMG] and <image> (emu2_spec.md §2): the
-    schema default, a config that leaves the key out, and every shipped preset."""
-    from megatron_emu.config.schema import LossConfig
-    from megatron_emu.data import special_tokens
-
-    expected = ["[PAD]", "[IMG]", "[/IMG]", "<image>"]
-    assert LossConfig().ce_ignore_tokens == expected
-    data = tiny_dict()
-    del data["model"]["loss"]["ce_ignore_tokens"]
-    assert from_dict(data).model.loss.ce_ignore_tokens == expected
-    for preset in sorted(BIG.parent.glob("emu2_*.yaml")):
-        assert load_config(preset).model.loss.ce_ignore_tokens == expected, preset.name
-    assert [special_tokens.token_id(t) for t in expected] == [32000, 32001, 32002, 32003]
-
-
 # --------------------------------------------------------------------------- strict loading
 
 
