@@ -104,3 +104,30 @@ def run_layout(rank: int, cfg, weights: str, microbatches: list, grads_out: str)
         "dp_rank": dp_rank,
         "frozen": frozen,
     }
+
+
+def run_clipped_step(rank: int, cfg, weights: str, microbatches: list, params_out: str) -> dict:
+    """One optimizer update made as ``Trainer.step`` makes it (training/loop.py): the schedule's
+    forward/backward over this DP rank's micro-batches, ``prepare_grads``, the gradient norm, the
+    LR schedule's step, ``clip_grad_norm(train.clip_grad)``, ``step_with_ready_grads``. Writes the
+    updated parameters to ``params_out``; returns this rank's gradient norms and learning rate."""
+    from megatron.core import parallel_state
+
+    from megatron_emu.training.optimizer import build_optimizer
+    from megatron_emu.training.schedule import forward_backward, wrap_ddp, zero_grads
+
+    pgs, chunks = _setup(cfg)
+    _load(chunks, weights)
+    model = wrap_ddp(cfg, chunks, pgs)
+    optimizer, scheduler = build_optimizer(cfg, model, pgs)
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    zero_grads(model)
+    optimizer.zero_grad()
+    forward_backward(cfg, model, microbatches[dp_rank::dp])
+    optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    scheduler.step(increment=1)
+    clip_norm = float(optimizer.clip_grad_norm(cfg.train.clip_grad))
+    assert optimizer.step_with_ready_grads()
+    _save(chunks, params_out)
+    return {"grad_norm": grad_norm, "clip_norm": clip_norm, "lr": optimizer.param_groups[0]["lr"]}

@@ -38,7 +38,7 @@ def ref_config(cfg: EmuConfig) -> RefConfig:
         vision_eps=v.layer_norm_eps, n_query=cfg.model.adapter.n_query,
         hidden_size=lm.hidden_size, num_layers=lm.num_layers, num_heads=lm.num_attention_heads,
         ffn_hidden_size=lm.ffn_hidden_size, vocab_size=lm.vocab_size, rms_eps=lm.norm_eps,
-        rope_theta=lm.rope_theta,
+        rope_theta=lm.rope_theta, num_kv_heads=lm.num_query_groups,
     )
 
 
@@ -74,7 +74,3 @@ def make_microbatches(cfg: EmuConfig, seed: int = 0) -> list[Emu2Batch]:
         out.append(make_batch(tokens, labels, loss_mask, images, image_id=st.IMAGE_ID,
                               ce_ignore_ids=ce_ignore_ids(cfg)))
     return out
-
-
-def ce_ignore_ids(cfg: EmuConfig) -> list[int]:
-    return [st.token_id(t) for t in cfg.model.loss.ce_ignore_tokens]
