@@ -10,7 +10,6 @@ checkpoints, and the stop checks (signals, wall-clock budget).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -29,11 +28,11 @@ from megatron_emu.model.megatron_config import fusion_plan
 from megatron_emu.parallel.groups import destroy, init_distributed, init_model_parallel
 from megatron_emu.training import checkpointing as ckpt
 from megatron_emu.training.flops import step_flops
-from megatron_emu.training.grad_norm import clip_grads_, global_grad_norm
 from megatron_emu.training.metrics import MetricsWriter
 from megatron_emu.training.optimizer import build_optimizer
 from megatron_emu.training.schedule import forward_backward, wrap_ddp, zero_grads
 from megatron_emu.training.signals import StopRequest
+from megatron_emu.training.update import apply_update
 from megatron_emu.utils import device
 
 log = logging.getLogger("megatron_emu.train")
@@ -184,16 +183,9 @@ class Trainer:
         poison = (p.iteration + 1) in cfg.train.inject_nan_iterations
         reports = forward_backward(cfg, self.model, batches, self.dev, self.dtype, poison=poison)
         losses = self._reduce_losses(reports)
-        self.optimizer.prepare_grads()
-        norm = global_grad_norm(self.optimizer, self.dev)
-        # The one host sync of the step: whether to apply the update, and the logged values.
-        loss, lm_loss, reg_loss, grad_norm = torch.cat([losses, norm.double().reshape(1)]).tolist()
-        ok = all(math.isfinite(v) for v in (loss, lm_loss, reg_loss, grad_norm))
+        ok, (loss, lm_loss, reg_loss, grad_norm) = apply_update(
+            self.optimizer, self.scheduler, cfg.train.clip_grad, losses, self.dev)
         if ok:
-            # The schedule counts updates: update k (1-based) uses lr(k), so warmup starts above 0.
-            self.scheduler.step(increment=1)
-            clip_grads_(self.optimizer, cfg.train.clip_grad, norm)
-            self.optimizer.step_with_ready_grads()
             p.consecutive_skips = 0
         else:
             p.skipped_total += 1

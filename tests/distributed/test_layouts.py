@@ -167,8 +167,7 @@ def test_clipped_update_matches_reference(setup, name):
                      eps=tr.adam_eps).step()
     for r in results:
         assert r["lr"] == lr
-        for key in ("grad_norm", "clip_norm"):
-            assert math.isclose(r[key], norm, rel_tol=1e-5), f"{name}: {key} {r[key]} vs reference {norm}"
+        assert math.isclose(r["grad_norm"], norm, rel_tol=1e-5), f"{name}: grad norm {r['grad_norm']} vs {norm}"
 
     canonical = run_ranks(1, layouts.load_unsharded, tiny.tiny_config(), out)[0]
     after = to_hf(canonical, Dims.from_config(cfg))

@@ -108,13 +108,14 @@ def run_layout(rank: int, cfg, weights: str, microbatches: list, grads_out: str)
 
 def run_clipped_step(rank: int, cfg, weights: str, microbatches: list, params_out: str) -> dict:
     """One optimizer update made as ``Trainer.step`` makes it (training/loop.py): the schedule's
-    forward/backward over this DP rank's micro-batches, ``prepare_grads``, the gradient norm, the
-    LR schedule's step, ``clip_grad_norm(train.clip_grad)``, ``step_with_ready_grads``. Writes the
-    updated parameters to ``params_out``; returns this rank's gradient norms and learning rate."""
+    forward/backward over this DP rank's micro-batches, then ``training.update.apply_update``
+    (gradient norm, LR schedule step, clipping, optimizer step). Writes the updated parameters
+    to ``params_out``; returns this rank's gradient norm and learning rate."""
     from megatron.core import parallel_state
 
     from megatron_emu.training.optimizer import build_optimizer
     from megatron_emu.training.schedule import forward_backward, wrap_ddp, zero_grads
+    from megatron_emu.training.update import apply_update
 
     pgs, chunks = _setup(cfg)
     _load(chunks, weights)
@@ -123,11 +124,9 @@ def run_clipped_step(rank: int, cfg, weights: str, microbatches: list, params_ou
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     zero_grads(model)
     optimizer.zero_grad()
-    forward_backward(cfg, model, microbatches[dp_rank::dp])
-    optimizer.prepare_grads()
-    grad_norm = float(optimizer.get_grad_norm())
-    scheduler.step(increment=1)
-    clip_norm = float(optimizer.clip_grad_norm(cfg.train.clip_grad))
-    assert optimizer.step_with_ready_grads()
+    dev = torch.device("cpu")
+    forward_backward(cfg, model, microbatches[dp_rank::dp], dev, torch.float32)
+    ok, values = apply_update(optimizer, scheduler, cfg.train.clip_grad, torch.zeros(3), dev)
+    assert ok
     _save(chunks, params_out)
-    return {"grad_norm": grad_norm, "clip_norm": clip_norm, "lr": optimizer.param_groups[0]["lr"]}
+    return {"grad_norm": values[3], "lr": optimizer.param_groups[0]["lr"]}

@@ -72,5 +72,5 @@ def make_microbatches(cfg: EmuConfig, seed: int = 0) -> list[Emu2Batch]:
         n_img = int((tokens == st.IMG_ID).sum())
         images = torch.randn(n_img, 3, v.image_size, v.image_size, generator=g)
         out.append(make_batch(tokens, labels, loss_mask, images, image_id=st.IMAGE_ID,
-                              ce_ignore_ids=ce_ignore_ids(cfg)))
+                              ce_ignore_ids=[st.token_id(t) for t in cfg.model.loss.ce_ignore_tokens]))
     return out
