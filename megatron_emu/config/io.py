@@ -30,14 +30,24 @@ _MISSING = object()
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
+def _section_type(hint: Any) -> Any:
+    """The dataclass of a section annotated ``X`` or ``Optional[X]`` (else ``hint`` itself)."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            return inner[0]
+    return hint
+
+
 def _dotted_keys(cls: type = EmuConfig, prefix: str = "") -> list[str]:
     """Every dotted key of the schema (sections and leaves)."""
     out = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         out.append(prefix + f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            out += _dotted_keys(hints[f.name], f"{prefix}{f.name}.")
+        section = _section_type(hints[f.name])
+        if dataclasses.is_dataclass(section):
+            out += _dotted_keys(section, f"{prefix}{f.name}.")
     return out
 
 
@@ -188,7 +198,7 @@ def apply_overrides(data: dict, overrides: list[str], errors: list[str] | None =
             if i == len(parts) - 1:
                 node[part] = value
                 break
-            hint = typing.get_type_hints(cls)[part]
+            hint = _section_type(typing.get_type_hints(cls)[part])
             if not dataclasses.is_dataclass(hint):
                 errors.append(f"--set {key}: {'.'.join(parts[:i + 1])!r} is not a section")
                 break

@@ -151,6 +151,11 @@ class TrainConfig:
     module_lr: ModuleLRConfig = field(default_factory=ModuleLRConfig)
     # Save and exit 0 once this much wall time has passed (a scheduler time limit); null: never.
     exit_duration_mins: Optional[float] = None
+    # Validation (when data.valid_path or data.valid_fraction is set): every eval_interval
+    # iterations (null: only at the end and before a save on a signal), eval_iters global
+    # batches each time, always the same ones.
+    eval_interval: Optional[int] = None
+    eval_iters: int = 10
     # Save and exit 0 at every multiple of this iteration (chained jobs of fixed length); null: never.
     exit_interval: Optional[int] = None
     # Stop with an error after this many consecutive steps skipped for a non-finite loss/grad.
@@ -177,10 +182,18 @@ class DataConfig:
     # A bad sample (corrupt image, truncated shard) is skipped, logged and counted (bad_samples
     # in metrics.jsonl); this many in a row stop the job with an error (docs/data.md).
     max_consecutive_bad_samples: int = 100
+    # Validation data (train.eval_interval / eval_iters): held-out dataset(s) with the blend
+    # syntax of `path`, or a fraction of `path`'s documents held out by a hash of each document
+    # (the same documents on every run and layout; training then never sees them). Neither: no
+    # validation.
+    valid_path: list[str] | str = field(default_factory=list)
+    valid_fraction: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.path, str):  # `--set data.path=/dir`: one dataset
             self.path = [self.path]
+        if isinstance(self.valid_path, str):
+            self.valid_path = [self.valid_path]
 
 
 @dataclass(kw_only=True)
@@ -199,9 +212,19 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class WandbConfig:
+    """Optional Weights & Biases logging of the metrics (needs `pip install wandb`)."""
+
+    project: str
+    name: Optional[str] = None
+    mode: Literal["online", "offline"] = "online"
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     dir: str = "runs/default"
     log_interval: int = 1
+    wandb: Optional[WandbConfig] = None
 
 
 @dataclass(kw_only=True)

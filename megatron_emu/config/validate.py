@@ -217,6 +217,15 @@ def _data(errors: list[str], cfg: EmuConfig) -> None:
         errors.append(f"data.num_workers ({d.num_workers}) must be >= 0")
     if d.max_images_per_sequence < 0:
         errors.append(f"data.max_images_per_sequence ({d.max_images_per_sequence}) must be >= 0")
+    if not 0.0 <= d.valid_fraction < 1.0:
+        errors.append(f"data.valid_fraction ({d.valid_fraction}) must be in [0, 1)")
+    if d.valid_fraction and d.valid_path:
+        errors.append("data.valid_path and data.valid_fraction: give one way to validate, not both")
+    tr = cfg.train
+    if tr.eval_iters < 1:
+        errors.append(f"train.eval_iters ({tr.eval_iters}) must be >= 1")
+    if tr.eval_interval is not None and tr.eval_interval < 1:
+        errors.append(f"train.eval_interval ({tr.eval_interval}) must be >= 1 (or null)")
     for i, entry in enumerate(d.path):
         head, sep, tail = entry.partition(":")
         if sep and head.replace(".", "", 1).isdigit() and (float(head) <= 0 or not tail):
@@ -225,8 +234,6 @@ def _data(errors: list[str], cfg: EmuConfig) -> None:
 
 def data_path_errors(cfg: EmuConfig) -> list[str]:
     """Problems with the data on disk (checked by the training job before any process group)."""
-    from pathlib import Path
-
     errors = []
     if not cfg.data.path:
         errors.append("data.path: no dataset given (a directory from `megatron-emu-data preprocess`)")
@@ -234,29 +241,37 @@ def data_path_errors(cfg: EmuConfig) -> list[str]:
         errors.append("data.tokenizer: required for training: the tokenizer directory the data was "
                       "preprocessed with (`megatron-emu-data tokenizer`); checkpoints record it for "
                       "conversion and generation")
-    for i, entry in enumerate(cfg.data.path):
-        head, sep, tail = entry.partition(":")
-        directory = tail if sep and head.replace(".", "", 1).isdigit() else entry
-        meta_file = Path(directory) / "dataset.json"
-        if not meta_file.is_file():
-            errors.append(f"data.path[{i}]: {directory!r} is not a preprocessed dataset (no dataset.json)")
-        else:
-            import json
-
-            meta = json.loads(meta_file.read_text())
-            size = meta.get("image_size")
-            if meta.get("incomplete"):
-                errors.append(f"data.path[{i}]: {directory} is an incomplete dataset ({meta['incomplete']}); "
-                              f"finish it by re-running its `megatron-emu-data preprocess` command")
-            elif size != cfg.model.vision.image_size:
-                errors.append(f"data.path[{i}]: images in {directory} are {size} px but "
-                              f"model.vision.image_size is {cfg.model.vision.image_size}")
-            if cfg.data.tokenizer:
-                errors += _tokenizer_matches(i, meta_file, cfg.data.tokenizer)
+    for key in ("path", "valid_path"):
+        for i, entry in enumerate(getattr(cfg.data, key)):
+            errors += _dataset_errors(cfg, f"data.{key}[{i}]", entry)
     return errors
 
 
-def _tokenizer_matches(i: int, meta_file, tokenizer: str) -> list[str]:
+def _dataset_errors(cfg: EmuConfig, name: str, entry: str) -> list[str]:
+    """Problems of one ``data.path`` / ``data.valid_path`` entry on disk."""
+    import json
+    from pathlib import Path
+
+    head, sep, tail = entry.partition(":")
+    directory = tail if sep and head.replace(".", "", 1).isdigit() else entry
+    meta_file = Path(directory) / "dataset.json"
+    if not meta_file.is_file():
+        return [f"{name}: {directory!r} is not a preprocessed dataset (no dataset.json)"]
+    errors = []
+    meta = json.loads(meta_file.read_text())
+    size = meta.get("image_size")
+    if meta.get("incomplete"):
+        errors.append(f"{name}: {directory} is an incomplete dataset ({meta['incomplete']}); "
+                      f"finish it by re-running its `megatron-emu-data preprocess` command")
+    elif size != cfg.model.vision.image_size:
+        errors.append(f"{name}: images in {directory} are {size} px but "
+                      f"model.vision.image_size is {cfg.model.vision.image_size}")
+    if cfg.data.tokenizer:
+        errors += _tokenizer_matches(name, meta_file, cfg.data.tokenizer)
+    return errors
+
+
+def _tokenizer_matches(name: str, meta_file, tokenizer: str) -> list[str]:
     import hashlib
     import json
     from pathlib import Path
@@ -266,7 +281,7 @@ def _tokenizer_matches(i: int, meta_file, tokenizer: str) -> list[str]:
         return [f"data.tokenizer: {tokenizer!r} has no tokenizer.model"]
     saved = json.loads(meta_file.read_text()).get("tokenizer_sha256")
     if saved and saved != hashlib.sha256(model.read_bytes()).hexdigest():
-        return [f"data.path[{i}]: {meta_file.parent} was tokenized with another tokenizer than "
+        return [f"{name}: {meta_file.parent} was tokenized with another tokenizer than "
                 f"data.tokenizer ({tokenizer})"]
     return []
 

@@ -66,11 +66,20 @@ class LoaderSpec:
     max_consecutive_bad: int = 100  # bad_samples.py
     # Label ids excluded from cross-entropy (model.loss.ce_ignore_tokens), for the batch's CE mask.
     ce_ignore_ids: tuple = ()
+    # "all" documents, or the "train" / "valid" side of data.valid_fraction (plan.in_valid_split).
+    split: str = "all"
+    valid_fraction: float = 0.0
 
     @classmethod
-    def from_config(cls, cfg, dp_rank: int = 0, dp_size: int = 1, decode_images: bool = True) -> "LoaderSpec":
+    def from_config(cls, cfg, dp_rank: int = 0, dp_size: int = 1, decode_images: bool = True,
+                    validation: bool = False) -> "LoaderSpec":
+        """The training data, or with ``validation`` the held-out data: ``data.valid_path``, or
+        the "valid" side of ``data.valid_fraction`` of ``data.path``."""
         d = cfg.data
-        return cls(paths=tuple(parse_paths(d.path)), seq_length=cfg.train.seq_length,
+        paths = d.valid_path if validation and d.valid_path else d.path
+        split = "all" if not d.valid_fraction else ("valid" if validation else "train")
+        return cls(paths=tuple(parse_paths(paths)), split=split, valid_fraction=d.valid_fraction,
+                   seq_length=cfg.train.seq_length,
                    n_query=cfg.model.adapter.n_query, image_size=cfg.model.vision.image_size,
                    micro_batch_size=cfg.train.micro_batch_size, max_images=d.max_images_per_sequence,
                    dp_rank=dp_rank, dp_size=dp_size, num_workers=d.num_workers, seed=cfg.train.seed,
@@ -221,14 +230,18 @@ class EmuDataLoader:
             metas.append(meta)
             indexes.append(index)
         pack = PackingSpec(seq_length=spec.seq_length, tokens_per_image=spec.n_query + 2,
-                           max_images=spec.max_images, lookahead=spec.lookahead, seed=spec.seed)
+                           max_images=spec.max_images, lookahead=spec.lookahead, seed=spec.seed,
+                           split=spec.split, valid_fraction=spec.valid_fraction)
+        identities = [dataset_fingerprint(m, len(ix)) for m, ix in zip(metas, indexes)]
         fingerprint = {
-            "datasets": [f"{w:g}:{dataset_fingerprint(m, len(ix))}"
-                         for (w, d), m, ix in zip(spec.paths, metas, indexes)],
+            "datasets": [f"{w:g}:{f}" for (w, _), f in zip(spec.paths, identities)],
             "seq_length": spec.seq_length, "tokens_per_image": spec.n_query + 2,
             "max_images": spec.max_images, "seed": spec.seed, "lookahead": spec.lookahead,
             "image_first_prob": spec.image_first_prob}
-        self.plan = BlendedPlan(indexes, [w for w, _ in spec.paths], pack, fingerprint)
+        if spec.split != "all":
+            fingerprint.update(split=spec.split, valid_fraction=spec.valid_fraction)
+        self.plan = BlendedPlan(indexes, [w for w, _ in spec.paths], pack, fingerprint,
+                                salts=[int(f, 16) for f in identities])
         self.decoder = dec.resolve_decoder(spec.decoder)
         self._dali = None
         self.reader = SequenceReader(spec, indexes, metas, decode_here=self.decoder == "pil")

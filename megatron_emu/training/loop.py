@@ -9,11 +9,13 @@ checkpoints, and the stop checks (signals, wall-clock budget).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -27,6 +29,7 @@ from megatron_emu.model.builder import build_model_chunks
 from megatron_emu.model.megatron_config import fusion_plan
 from megatron_emu.parallel.groups import destroy, init_distributed, init_model_parallel
 from megatron_emu.training import checkpointing as ckpt
+from megatron_emu.training.evaluate import Evaluator, validation_due
 from megatron_emu.training.flops import step_flops
 from megatron_emu.training.metrics import MetricsWriter
 from megatron_emu.training.optimizer import build_optimizer
@@ -84,8 +87,12 @@ class Trainer:
         self.model = wrap_ddp(cfg, chunks, self.pgs)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.pgs)
         self.source = self._batch_source()
+        self.evaluator = self._evaluator()
         self.progress = Progress()
-        self.metrics = MetricsWriter(cfg.run.dir, enabled=self.rank == 0, log_interval=cfg.run.log_interval)
+        self.metrics = MetricsWriter(cfg.run.dir, enabled=self.rank == 0, log_interval=cfg.run.log_interval,
+                                     sinks=self._sinks())
+        self.started = time.monotonic()
+        self._mean_step_s: Optional[float] = None
         self.stop = StopRequest(cfg.train.exit_duration_mins)
         self.async_queue = None
         if cfg.checkpoint.async_save:
@@ -95,20 +102,61 @@ class Trainer:
             self.async_queue = AsyncCallsQueue()
 
     # -- startup ---------------------------------------------------------------------------
-    def _batch_source(self) -> BatchSource:
-        """One loader per TP group (on its first rank) for the stages that need data."""
+    def _batch_source(self, validation: bool = False) -> BatchSource:
+        """One loader per TP group (on its first rank) for the stages that need data: the
+        training data, or the validation data from its start."""
         fields = stage_fields(self.pp_rank == 0, self.pp_last)
         tp_ranks = torch.distributed.get_process_group_ranks(self.pgs.tp)
         loader = None
-        spec = LoaderSpec.from_config(self.cfg, self.dp_rank, self.dp, decode_images=self.pp_rank == 0)
+        spec = LoaderSpec.from_config(self.cfg, self.dp_rank, self.dp, decode_images=self.pp_rank == 0,
+                                      validation=validation)
         if fields and torch.distributed.get_rank() == tp_ranks[0]:
             try:
                 loader = EmuDataLoader(spec)
             except ValueError as e:  # bad dataset directory, image size, decoder choice
-                raise TrainingError(f"data: {e}") from None
-        cpu_group = cpu_tp_groups(self.pgs.tp)
-        return BatchSource(loader, spec.ce_ignore_ids, fields, cpu_group=cpu_group,
+                raise TrainingError(f"data{' (validation)' if validation else ''}: {e}") from None
+        if not hasattr(self, "_cpu_tp_group"):
+            self._cpu_tp_group = cpu_tp_groups(self.pgs.tp)  # a collective: made once
+        return BatchSource(loader, spec.ce_ignore_ids, fields, cpu_group=self._cpu_tp_group,
                            device_group=self.pgs.tp, src=tp_ranks[0], pin=device.has_cuda())
+
+    def _sinks(self) -> tuple:
+        wb = self.cfg.run.wandb
+        if wb is None or self.rank != 0:
+            return ()
+        from megatron_emu.training.wandb_sink import WandbSink
+
+        try:
+            return (WandbSink(wb.project, wb.name, wb.mode, self.cfg.run.dir, _config_dict(self.cfg)),)
+        except RuntimeError as e:
+            raise TrainingError(str(e)) from None
+
+    def _eta(self, step_s: float) -> float:
+        """Seconds to train_iters from a running mean of the step time (the first step, with
+        its start-up work, only seeds it)."""
+        m = self._mean_step_s
+        self._mean_step_s = step_s if m is None else 0.9 * m + 0.1 * step_s
+        return self._mean_step_s * (self.cfg.train.train_iters - self.progress.iteration)
+
+    def _evaluator(self) -> Optional[Evaluator]:
+        d = self.cfg.data
+        if not (d.valid_path or d.valid_fraction):
+            return None
+        run = functools.partial(forward_backward, self.cfg, self.model, dev=self.dev, dtype=self.dtype,
+                                forward_only=True)
+        return Evaluator(self.model, functools.partial(self._batch_source, validation=True),
+                         self.num_micro, self.cfg.train.eval_iters, run, self._reduce_losses)
+
+    def validate(self) -> None:
+        """Validation losses at this iteration: logged, metrics.jsonl and TensorBoard."""
+        if self.evaluator is None:
+            return
+        t0 = time.perf_counter()
+        result = self.evaluator.evaluate()
+        self.metrics.write_validation({"step": self.progress.iteration, **result})
+        log.info("validation at step %d: loss %.4f | lm %.4f (ppl %.2f) | reg %.4f | %.1f s",
+                 self.progress.iteration, result["valid_loss"], result["valid_lm_loss"],
+                 result["valid_ppl"], result["valid_reg_loss"], time.perf_counter() - t0)
 
     def _summary(self) -> None:
         if self.rank != 0:
@@ -210,6 +258,7 @@ class Trainer:
             "images_per_s": n_img.item() / dt, "tflops_per_gpu": tflops,
             "mfu": None if peak is None else tflops / peak, "memory_gib": _memory_gib(),
             "step_time_s": dt, "data_wait_s": data_wait, "skipped": not ok,
+            "elapsed_s": time.monotonic() - self.started, "eta_s": self._eta(dt),
             "skipped_total": p.skipped_total,
             "bad_samples": n_bad,  # skipped by the loader this step, all DP ranks
         }
@@ -256,8 +305,11 @@ class Trainer:
             if not reason and cfg.train.exit_interval and p.iteration % cfg.train.exit_interval == 0 \
                     and p.iteration < cfg.train.train_iters:
                 reason = f"train.exit_interval ({cfg.train.exit_interval}) reached"
+            finished = p.iteration == cfg.train.train_iters
+            if validation_due(p.iteration, cfg.train.eval_interval, finished, bool(reason)):
+                self.validate()
             due = p.iteration % cfg.checkpoint.save_interval == 0
-            last = p.iteration == cfg.train.train_iters and cfg.checkpoint.save_at_end
+            last = finished and cfg.checkpoint.save_at_end
             if due or last or reason:
                 self.save()
                 saved_at = p.iteration
