@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from megatron_emu.checkpoint.convert import ConversionError, hf_to_mcore, mcore_to_hf
     from megatron_emu.checkpoint.reader import CheckpointReadError
+    from megatron_emu.checkpoint.safetensors_io import SafetensorsError
 
     try:
         if args.command == "mcore-to-hf":
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             result = hf_to_mcore(args.out, hf=args.hf, llama=args.llama, vision=args.vision, config=args.config,
                                  overrides=tuple(args.overrides), tp=args.tp, pp=args.pp,
                                  progress=not args.no_progress)
-    except (ConversionError, CheckpointReadError, FileNotFoundError, KeyError) as e:
+    except (ConversionError, CheckpointReadError, SafetensorsError, FileNotFoundError, KeyError) as e:
         print(f"megatron-emu-convert {args.command}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result))
