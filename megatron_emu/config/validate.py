@@ -192,6 +192,8 @@ def _train(errors: list[str], cfg: EmuConfig) -> None:
     ck = cfg.checkpoint
     if ck.save_interval < 1 or ck.keep_last < 1:
         errors.append("checkpoint.save_interval and checkpoint.keep_last must be >= 1")
+    if cfg.parallel.collective_timeout_s <= 0:
+        errors.append(f"parallel.collective_timeout_s ({cfg.parallel.collective_timeout_s}) must be positive")
     if cfg.parallel.overlap_param_gather and not cfg.parallel.use_distributed_optimizer:
         errors.append("parallel.overlap_param_gather needs parallel.use_distributed_optimizer")
 
