@@ -43,6 +43,20 @@ def _positive(errors: list[str], cfg: EmuConfig) -> None:
             errors.append(f"{name}: must be positive, got {value}")
 
 
+def _finite(errors: list[str], node, path: str = "") -> None:
+    """Every float of the config (at any depth, in lists too) is a finite number."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _finite(errors, getattr(node, f.name), f"{path}.{f.name}" if path else f.name)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            _finite(errors, item, f"{path}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        errors.append(f"{path}: must be a finite number, got {node}")
+
+
 def _vision(errors: list[str], cfg: EmuConfig) -> None:
     v, n_query = cfg.model.vision, cfg.model.adapter.n_query
     if v.image_size % v.patch_size:
@@ -283,6 +297,9 @@ def _freeze(errors: list[str], cfg: EmuConfig) -> None:
 def config_errors(cfg: EmuConfig, world_size: Optional[int] = None) -> list[str]:
     """All problems of ``cfg`` (empty when valid). ``world_size`` is checked when given."""
     errors: list[str] = []
+    _finite(errors, cfg)
+    if errors:  # NaN passes every comparison below
+        return errors
     _positive(errors, cfg)
     if errors:  # the cross-field rules below divide by these sizes
         return errors
