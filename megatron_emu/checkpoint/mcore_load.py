@@ -151,3 +151,6 @@ def load(sharded_state_dict, checkpoint_dir: str | Path, *, verify: bool = True,
                                        common_strategy=SafeCommonLoadStrategy(manifest), **kwargs)
     except CheckpointException as e:
         raise _first_failure(e, checkpoint_dir) from None
+    except CheckpointingException as e:  # megatron-core's own checks (missing files, bad metadata.json)
+        raise CheckpointFileError(f"{checkpoint_dir}: cannot be loaded ({str(e).splitlines()[0]}); restore the "
+                                  f"file from a copy or resume from an earlier iteration") from None

@@ -17,7 +17,8 @@ it into place, then replaces ``latest`` (fsynced too). A job killed during a sav
 next start, by the job holding the directory's lock (so never under a live writer).
 Loading goes through ``checkpoint/mcore_load.py``: ``.metadata`` is unpickled by an allow-list
 unpickler, every other pickled file by ``torch.load(weights_only=True)``, and every file read is
-checked against ``checksums.json`` (``checkpoint.verify``).
+checked against ``checksums.json`` (``checkpoint.verify``). (Transformer Engine modules unpickle
+their own FP8 ``_extra_state`` when loaded: see docs/checkpoints.md.)
 """
 
 from __future__ import annotations

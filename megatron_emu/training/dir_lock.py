@@ -13,10 +13,12 @@ it, unless it is stale:
   allocation) whose processes are gone; taken over, unless it is on this host and its pid is
   still the same live process (two concurrent steps of one job);
 * same host: its pid is gone, or now belongs to another process (start time differs);
-* another host (its pid cannot be checked from here): no heartbeat for ``STALE_AFTER_S``
-  seconds (20 missed heartbeats; far above NFS attribute caching and clock skew). A job that
-  is only paused that long (SIGSTOP, a suspended allocation) loses its lock: it notices at its
-  next save (``lost_reason``) and stops without writing.
+* another host (its pid cannot be checked from here): its SLURM job is no longer running
+  (``squeue``, when the holder was a SLURM job and ``squeue`` answers: a chained job may start
+  right after its predecessor died), or no heartbeat for ``STALE_AFTER_S`` seconds (20 missed
+  heartbeats; far above NFS attribute caching and clock skew). A job that is only paused that
+  long (SIGSTOP) loses its lock: it notices at its next save (``lost_reason``) and stops
+  without writing.
 
 Taking over is logged (one warning) and done by renaming the stale file away first, so of two
 jobs that start together only one wins. The holder's stale ``iter_*.tmp`` directories may then
@@ -67,6 +69,26 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+_SLURM_ALIVE = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT",
+                "RESIZING"}
+
+
+def _slurm_job_state(job_id: str) -> Optional[str]:
+    """The state SLURM reports for ``job_id`` ("GONE" when it no longer knows it), or None when
+    SLURM cannot be asked."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
+                             timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return "GONE" if "Invalid job id" in out.stderr else None
+    states = out.stdout.split()
+    return states[0] if states else "GONE"
 
 
 def describe(holder: dict) -> str:
@@ -166,6 +188,11 @@ class DirLock:
             if not live_here:
                 return f"pid {pid} now belongs to another process"
             return None
+        job = holder.get("slurm_job_id")
+        if job and job != me["slurm_job_id"]:
+            state = _slurm_job_state(job)
+            if state is not None and state not in _SLURM_ALIVE:
+                return f"its SLURM job {job} is no longer running ({state.lower()})"
         if age > self.stale_after_s:
             return f"no heartbeat for {age:.0f} s (more than {self.stale_after_s:.0f} s)"
         return None

@@ -178,17 +178,23 @@ def test_every_saved_file_is_listed_and_verifies(saved):
             manifest.check_range(name, f, 0, entry["size"])
 
 
-def test_a_truncated_file_is_named_even_without_checksums(saved, train_data, tmp_path, capfd):
-    """An older checkpoint (no checksums.json) whose data file lost its tail: one line naming it."""
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_file_is_named_even_without_checksums(saved, train_data, tmp_path, capfd, damage):
+    """An older checkpoint (no checksums.json) whose data file lost its tail, or that lost its
+    common.pt: one line naming the file."""
     ckpt, it = _copy(saved, tmp_path)
     (it / integrity.MANIFEST).unlink()
-    victim = it / "__0_0.distcp"
-    with open(victim, "r+b") as f:
-        f.truncate(victim.stat().st_size // 2)
+    if damage == "truncated":
+        victim = it / "__0_0.distcp"
+        with open(victim, "r+b") as f:
+            f.truncate(victim.stat().st_size // 2)
+    else:
+        victim = it / "common.pt"
+        victim.unlink()
     data, tok = train_data
     assert train(1, tiny_args(data, tok, tmp_path / "run", ckpt, "train.train_iters=1", tp=1, pp=1)) == [1]
     reason = _status(tmp_path / "run")["reason"]
-    assert str(victim) in reason and "truncated" in reason, reason
+    assert str(victim) in reason and ("truncated" in reason or "does not exist" in reason), reason
     assert "Traceback" not in capfd.readouterr().err
 
 

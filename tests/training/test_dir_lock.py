@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -91,9 +92,21 @@ def test_stale_locks_are_taken_over(tmp_path, monkeypatch, caplog, case):
 def test_a_recent_lock_from_another_host_is_respected(tmp_path, monkeypatch, slurm):
     if slurm:  # another SLURM job's lock is not ours to take
         monkeypatch.setenv("SLURM_JOB_ID", slurm)
-    _plant(tmp_path, host="elsewhere", pid=123, slurm_job_id="4242", age_s=60)
-    with pytest.raises(DirLockError, match="host elsewhere, pid 123, SLURM job 4242"):
+    _plant(tmp_path, host="elsewhere", pid=123, age_s=60)
+    with pytest.raises(DirLockError, match="host elsewhere, pid 123"):
         DirLock(tmp_path).acquire()
+
+
+@pytest.mark.skipif(shutil.which("squeue") is None, reason="needs SLURM's squeue")
+def test_the_lock_of_a_finished_slurm_job_on_another_host_is_taken_over(tmp_path, monkeypatch, caplog):
+    """A chained job starting right after its predecessor died on another node."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    _plant(tmp_path, host="elsewhere", pid=123, slurm_job_id="987654321", age_s=5)  # no such job
+    lock = DirLock(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="megatron_emu"):
+        lock.acquire()
+    lock.release()
+    assert any("SLURM job 987654321 is no longer running" in r.getMessage() for r in caplog.records)
 
 
 def test_the_holder_heartbeats_and_notices_a_takeover(tmp_path):
