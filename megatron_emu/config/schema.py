@@ -66,7 +66,8 @@ class LossConfig:
 
     lm_weight: float = 1.0
     reg_weight: float = 1.0
-    # Text head cross-entropy: "plain" (megatron-core vocab-parallel CE), "fused" (megatron-core's
+    # Text head cross-entropy: "plain" (megatron-core vocab-parallel CE, the reference; its
+    # boolean-mask indexing syncs with the host on GPU), "fused" (megatron-core's
     # fused vocab-parallel CE: softmax and gradient in place, one all-reduce less) or
     # "linear_chunked" (torch's chunked linear + CE: never holds the [tokens, vocab] logits;
     # TP = 1 only). All give the same numbers.
@@ -87,6 +88,11 @@ class ModelConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     # "local": megatron-core's local spec (CPU, CI); "transformer_engine": TE spec (GPU, FP8).
     transformer_impl: Literal["local", "transformer_engine"] = "local"
+    # Core attention of the local spec: "sdpa" (torch scaled_dot_product_attention: flash /
+    # cuDNN / memory-efficient kernels on GPU, the math kernel on CPU), "unfused" (megatron-core's
+    # DotProductAttention, [b, heads, s, s] scores in memory); "auto" = sdpa. The
+    # transformer_engine spec always uses TE's own fused attention (leave this at auto).
+    attention_backend: Literal["auto", "sdpa", "unfused"] = "auto"
     # Weights/activations dtype. fp32 on CPU makes layouts and resumes exactly comparable.
     params_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     init_method_std: float = 0.02
@@ -140,7 +146,10 @@ class TrainConfig:
     # Parameter-name globs (e.g. "vision.*") that are frozen: no gradient, no optimizer state.
     freeze: list[str] = field(default_factory=list)
     recompute_granularity: Optional[Literal["selective", "full"]] = None
+    # FP8 (Transformer Engine spec, bf16): format, and the scaling recipe: "delayed" (amax
+    # history) or "current" (per-tensor current scaling, TE's Float8CurrentScaling).
     fp8: Optional[Literal["hybrid", "e4m3"]] = None
+    fp8_recipe: Literal["delayed", "current"] = "delayed"
     module_lr: ModuleLRConfig = field(default_factory=ModuleLRConfig)
     # Save and exit 0 once this much wall time has passed (a scheduler time limit); null: never.
     exit_duration_mins: Optional[float] = None
@@ -167,6 +176,9 @@ class DataConfig:
     pair_image_first_prob: float = 0.5
     # Documents looked ahead to fill a sequence when packing.
     packing_lookahead: int = 16
+    # A bad sample (corrupt image, truncated shard) is skipped, logged and counted (bad_samples
+    # in metrics.jsonl); this many in a row stop the job with an error (docs/data.md).
+    max_consecutive_bad_samples: int = 100
 
     def __post_init__(self):
         if isinstance(self.path, str):  # `--set data.path=/dir`: one dataset

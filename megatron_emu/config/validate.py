@@ -193,6 +193,9 @@ def _train(errors: list[str], cfg: EmuConfig) -> None:
             errors.append("train.fp8 needs model.transformer_impl: transformer_engine")
         if cfg.model.params_dtype != "bfloat16":
             errors.append("train.fp8 needs model.params_dtype: bfloat16")
+    if cfg.model.transformer_impl == "transformer_engine" and cfg.model.attention_backend != "auto":
+        errors.append(f"model.attention_backend={cfg.model.attention_backend} applies to the local spec; "
+                      "transformer_impl: transformer_engine uses TE's fused attention (set auto)")
     for name in ("vision", "adapter", "lm", "regression_head"):
         value = getattr(tr.module_lr, name)
         if value is not None and value <= 0:
@@ -224,6 +227,8 @@ def _data(errors: list[str], cfg: EmuConfig) -> None:
         errors.append(f"data.pair_image_first_prob ({d.pair_image_first_prob}) must be in [0, 1]")
     if d.packing_lookahead < 1:
         errors.append(f"data.packing_lookahead ({d.packing_lookahead}) must be >= 1")
+    if d.max_consecutive_bad_samples < 1:
+        errors.append(f"data.max_consecutive_bad_samples ({d.max_consecutive_bad_samples}) must be >= 1")
     if d.num_workers < 0:
         errors.append(f"data.num_workers ({d.num_workers}) must be >= 0")
     if d.max_images_per_sequence < 0:
@@ -241,6 +246,10 @@ def data_path_errors(cfg: EmuConfig) -> list[str]:
     errors = []
     if not cfg.data.path:
         errors.append("data.path: no dataset given (a directory from `megatron-emu-data preprocess`)")
+    if not cfg.data.tokenizer:
+        errors.append("data.tokenizer: required for training: the tokenizer directory the data was "
+                      "preprocessed with (`megatron-emu-data tokenizer`); checkpoints record it for "
+                      "conversion and generation")
     for i, entry in enumerate(cfg.data.path):
         head, sep, tail = entry.partition(":")
         directory = tail if sep and head.replace(".", "", 1).isdigit() else entry
@@ -250,8 +259,12 @@ def data_path_errors(cfg: EmuConfig) -> list[str]:
         else:
             import json
 
-            size = json.loads(meta_file.read_text()).get("image_size")
-            if size != cfg.model.vision.image_size:
+            meta = json.loads(meta_file.read_text())
+            size = meta.get("image_size")
+            if meta.get("incomplete"):
+                errors.append(f"data.path[{i}]: {directory} is an incomplete dataset ({meta['incomplete']}); "
+                              f"finish it by re-running its `megatron-emu-data preprocess` command")
+            elif size != cfg.model.vision.image_size:
                 errors.append(f"data.path[{i}]: images in {directory} are {size} px but "
                               f"model.vision.image_size is {cfg.model.vision.image_size}")
             if cfg.data.tokenizer:

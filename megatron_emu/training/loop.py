@@ -10,7 +10,6 @@ checkpoints, and the stop checks (signals, wall-clock budget).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -21,9 +20,11 @@ import torch
 from megatron_emu.config import derived
 from megatron_emu.config.io import dump_config
 from megatron_emu.config.schema import EmuConfig
-from megatron_emu.data import special_tokens as st
+from megatron_emu.data.bad_samples import BadDataError
+from megatron_emu.data.batch_source import BatchSource, cpu_tp_groups, stage_fields
 from megatron_emu.data.loader import EmuDataLoader, LoaderSpec
 from megatron_emu.model.builder import build_model_chunks
+from megatron_emu.model.megatron_config import fusion_plan
 from megatron_emu.parallel.groups import destroy, init_distributed, init_model_parallel
 from megatron_emu.training import checkpointing as ckpt
 from megatron_emu.training import dir_lock
@@ -32,6 +33,7 @@ from megatron_emu.training.metrics import MetricsWriter
 from megatron_emu.training.optimizer import build_optimizer
 from megatron_emu.training.schedule import forward_backward, wrap_ddp, zero_grads
 from megatron_emu.training.signals import StopRequest
+from megatron_emu.training.update import apply_update
 from megatron_emu.utils import device
 
 log = logging.getLogger("megatron_emu.train")
@@ -82,11 +84,7 @@ class Trainer:
         chunks = build_model_chunks(cfg, self.pgs)
         self.model = wrap_ddp(cfg, chunks, self.pgs)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.pgs)
-        spec = LoaderSpec.from_config(cfg, self.dp_rank, self.dp, decode_images=self.pp_rank == 0)
-        try:
-            self.loader = EmuDataLoader(spec)
-        except ValueError as e:  # bad dataset directory, image size, decoder choice
-            raise TrainingError(f"data: {e}") from None
+        self.source = self._batch_source()
         self.progress = Progress()
         self.metrics = MetricsWriter(cfg.run.dir, enabled=self.rank == 0, log_interval=cfg.run.log_interval)
         self.stop = StopRequest(cfg.train.exit_duration_mins)
@@ -98,6 +96,21 @@ class Trainer:
             self.async_queue = AsyncCallsQueue()
 
     # -- startup ---------------------------------------------------------------------------
+    def _batch_source(self) -> BatchSource:
+        """One loader per TP group (on its first rank) for the stages that need data."""
+        fields = stage_fields(self.pp_rank == 0, self.pp_last)
+        tp_ranks = torch.distributed.get_process_group_ranks(self.pgs.tp)
+        loader = None
+        spec = LoaderSpec.from_config(self.cfg, self.dp_rank, self.dp, decode_images=self.pp_rank == 0)
+        if fields and torch.distributed.get_rank() == tp_ranks[0]:
+            try:
+                loader = EmuDataLoader(spec)
+            except ValueError as e:  # bad dataset directory, image size, decoder choice
+                raise TrainingError(f"data: {e}") from None
+        cpu_group = cpu_tp_groups(self.pgs.tp)
+        return BatchSource(loader, spec.ce_ignore_ids, fields, cpu_group=cpu_group,
+                           device_group=self.pgs.tp, src=tp_ranks[0], pin=device.has_cuda())
+
     def _summary(self) -> None:
         if self.rank != 0:
             return
@@ -110,6 +123,13 @@ class Trainer:
                  f" (virtual PP {self.layout['vpp']})" if self.layout["vpp"] else "", self.num_micro,
                  self.cfg.train.micro_batch_size, self.dev)
         log.info("model plan:\n%s", format_plan(plan(self.cfg, self.dp)))
+        model = self.cfg.model
+        attention = ("Transformer Engine fused attention" if model.transformer_impl == "transformer_engine"
+                     else {"auto": "torch SDPA", "sdpa": "torch SDPA",
+                           "unfused": "megatron-core unfused DotProductAttention"}[model.attention_backend])
+        kernels = fusion_plan(model.transformer_impl, device.has_cuda())
+        log.info("kernels: attention: %s; %s", attention,
+                 "; ".join(f"{name}: {f.how}" for name, f in kernels.items()))
 
     def resume_or_init(self) -> None:
         ck = self.cfg.checkpoint
@@ -121,7 +141,7 @@ class Trainer:
                 ckpt.check_model_matches(meta, self.cfg, found)
                 ckpt.load_full(found, self.model, self.optimizer, self.pgs, self.layout, ck.verify)
                 self.scheduler.load_state_dict(meta["scheduler"])
-                self.loader.load_state_dict(meta["data"])
+                self.source.load_state_dict(meta["data"])
                 self.progress.__dict__.update(Progress(**meta["progress"]).__dict__)
                 log.info("resumed from %s: iteration %d, %d samples consumed", found,
                          self.progress.iteration, self.progress.consumed_samples)
@@ -136,40 +156,37 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------
     def _microbatches(self) -> tuple[list, int]:
-        batches, images = [], 0
-        for _ in range(self.num_micro):
-            b = next(self.loader)
-            images += int((b.tokens == st.IMG_ID).sum())
-            batches.append(b.to_model(self.dev, self.dtype))
-        return batches, images
+        """The step's micro-batches as host tensors (each is copied to the device just before
+        its forward) and the number of images among them."""
+        batches = [next(self.source) for _ in range(self.num_micro)]
+        return batches, sum(b.num_images for b in batches if b is not None)
 
-    def _reduce_losses(self, reports: list[dict]) -> list[float]:
-        """Mean loss, lm_loss, reg_loss of the global batch, on every rank."""
+    def _reduce_losses(self, reports: list[dict]) -> torch.Tensor:
+        """``[3]`` float64 device tensor: mean loss, lm_loss, reg_loss of the global batch, on
+        every rank (no host sync)."""
         vals = torch.zeros(3, dtype=torch.float64, device=self.dev)
         if reports:
-            for i, k in enumerate(("loss", "lm_loss", "reg_loss")):
-                vals[i] = torch.stack([r[k].double() for r in reports]).mean()
+            vals = torch.stack([torch.stack([r[k].double() for r in reports]).mean()
+                                for k in ("loss", "lm_loss", "reg_loss")])
         torch.distributed.all_reduce(vals, group=self.pgs.pp)  # only the last stage has them
         torch.distributed.all_reduce(vals, group=self.pgs.dp)
-        return (vals / self.dp).tolist()
+        return vals / self.dp
 
     def step(self) -> dict:
         cfg, p = self.cfg, self.progress
         t0 = time.perf_counter()
+        bad_before = self.source.bad_samples
         batches, images = self._microbatches()
+        data_wait = time.perf_counter() - t0  # the loader is host work: wall time is the wait
+        bad = self.source.bad_samples - bad_before
         zero_grads(self.model)
         self.optimizer.zero_grad()
         poison = (p.iteration + 1) in cfg.train.inject_nan_iterations
-        reports = forward_backward(cfg, self.model, batches, poison=poison)
-        loss, lm_loss, reg_loss = self._reduce_losses(reports)
-        self.optimizer.prepare_grads()
-        grad_norm = float(self.optimizer.get_grad_norm())
-        ok = all(math.isfinite(v) for v in (loss, lm_loss, reg_loss, grad_norm))
+        reports = forward_backward(cfg, self.model, batches, self.dev, self.dtype, poison=poison)
+        losses = self._reduce_losses(reports)
+        ok, (loss, lm_loss, reg_loss, grad_norm) = apply_update(
+            self.optimizer, self.scheduler, cfg.train.clip_grad, losses, self.dev)
         if ok:
-            # The schedule counts updates: update k (1-based) uses lr(k), so warmup starts above 0.
-            self.scheduler.step(increment=1)
-            self.optimizer.clip_grad_norm(cfg.train.clip_grad)
-            self.optimizer.step_with_ready_grads()
             p.consecutive_skips = 0
         else:
             p.skipped_total += 1
@@ -179,8 +196,9 @@ class Trainer:
         dt = time.perf_counter() - t0
         p.iteration += 1
         p.consumed_samples += cfg.train.global_batch_size
-        n_img = torch.tensor([images], dtype=torch.float64, device=self.dev)
+        n_img = torch.tensor([images, bad], dtype=torch.float64, device=self.dev)
         torch.distributed.all_reduce(n_img, group=self.pgs.dp)
+        n_img, n_bad = n_img[:1], int(n_img[1].item())
         world = torch.distributed.get_world_size()
         flops = step_flops(cfg, cfg.train.global_batch_size, int(n_img.item()))
         tflops = flops / dt / world / 1e12
@@ -192,7 +210,9 @@ class Trainer:
             "tokens_per_s": cfg.train.global_batch_size * cfg.train.seq_length / dt,
             "images_per_s": n_img.item() / dt, "tflops_per_gpu": tflops,
             "mfu": None if peak is None else tflops / peak, "memory_gib": _memory_gib(),
-            "step_time_s": dt, "skipped": not ok, "skipped_total": p.skipped_total,
+            "step_time_s": dt, "data_wait_s": data_wait, "skipped": not ok,
+            "skipped_total": p.skipped_total,
+            "bad_samples": n_bad,  # skipped by the loader this step, all DP ranks
         }
         self.metrics.write(record)
         if p.consecutive_skips >= cfg.train.max_consecutive_skips:
@@ -212,7 +232,7 @@ class Trainer:
             raise TrainingError("the model has non-finite parameters; refusing to checkpoint it")
         meta = {"iteration": self.progress.iteration, "progress": asdict(self.progress),
                 "consumed_samples": self.progress.consumed_samples,
-                "scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "data": self.source.state_dict(),
                 "layout": self.layout, "config": _config_dict(cfg)}
         t0 = time.perf_counter()
         path = ckpt.save(cfg.checkpoint.dir, self.model, self.optimizer, self.pgs, meta,
@@ -272,7 +292,7 @@ class Trainer:
             self.async_queue.maybe_finalize_async_calls(blocking=True)
             self.async_queue.close()
         self.metrics.close()
-        self.loader.close()
+        self.source.close()
         self.stop.restore()
 
 
@@ -301,7 +321,7 @@ def train(cfg: EmuConfig) -> int:
             lock = dir_lock.acquire(cfg.checkpoint.dir)
         trainer = Trainer(cfg, lock)
         return trainer.run()
-    except (TrainingError, ckpt.CheckpointError, ckpt.CheckpointFileError) as e:
+    except (TrainingError, ckpt.CheckpointError, ckpt.CheckpointFileError, BadDataError) as e:
         log.error("%s", e)
         if trainer is not None:
             trainer._exit_status("failed", str(e).splitlines()[0])
