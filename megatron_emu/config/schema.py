@@ -113,6 +113,8 @@ class ParallelConfig:
     overlap_param_gather: bool = False
     # Batched p2p is wrong with virtual pipeline and PP=2 (megatron_core_cpu.md §6).
     batch_p2p_comm: bool = True
+    # Every collective and barrier (world and megatron-core's groups) fails after this long.
+    collective_timeout_s: float = 600.0
 
 
 @dataclass(kw_only=True)
@@ -209,6 +211,8 @@ class CheckpointConfig:
     save_at_end: bool = True
     # GPU only: copy to host memory and write in the background while training goes on.
     async_save: bool = False
+    # Check every checkpoint file read (resume, checkpoint.load) against its checksums.json.
+    verify: bool = True
 
 
 @dataclass(kw_only=True)

@@ -43,6 +43,20 @@ def _positive(errors: list[str], cfg: EmuConfig) -> None:
             errors.append(f"{name}: must be positive, got {value}")
 
 
+def _finite(errors: list[str], node, path: str = "") -> None:
+    """Every float of the config (at any depth, in lists too) is a finite number."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _finite(errors, getattr(node, f.name), f"{path}.{f.name}" if path else f.name)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            _finite(errors, item, f"{path}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        errors.append(f"{path}: must be a finite number, got {node}")
+
+
 def _vision(errors: list[str], cfg: EmuConfig) -> None:
     v, n_query = cfg.model.vision, cfg.model.adapter.n_query
     if v.image_size % v.patch_size:
@@ -195,6 +209,8 @@ def _train(errors: list[str], cfg: EmuConfig) -> None:
     ck = cfg.checkpoint
     if ck.save_interval < 1 or ck.keep_last < 1:
         errors.append("checkpoint.save_interval and checkpoint.keep_last must be >= 1")
+    if cfg.parallel.collective_timeout_s <= 0:
+        errors.append(f"parallel.collective_timeout_s ({cfg.parallel.collective_timeout_s}) must be positive")
     if cfg.parallel.overlap_param_gather and not cfg.parallel.use_distributed_optimizer:
         errors.append("parallel.overlap_param_gather needs parallel.use_distributed_optimizer")
 
@@ -309,6 +325,9 @@ def _freeze(errors: list[str], cfg: EmuConfig) -> None:
 def config_errors(cfg: EmuConfig, world_size: Optional[int] = None) -> list[str]:
     """All problems of ``cfg`` (empty when valid). ``world_size`` is checked when given."""
     errors: list[str] = []
+    _finite(errors, cfg)
+    if errors:  # NaN passes every comparison below
+        return errors
     _positive(errors, cfg)
     if errors:  # the cross-field rules below divide by these sizes
         return errors

@@ -29,6 +29,7 @@ from megatron_emu.model.builder import build_model_chunks
 from megatron_emu.model.megatron_config import fusion_plan
 from megatron_emu.parallel.groups import destroy, init_distributed, init_model_parallel
 from megatron_emu.training import checkpointing as ckpt
+from megatron_emu.training import dir_lock
 from megatron_emu.training.evaluate import Evaluator, validation_due
 from megatron_emu.training.flops import step_flops
 from megatron_emu.training.metrics import MetricsWriter
@@ -68,9 +69,9 @@ def _layout(cfg: EmuConfig, dp: int) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: EmuConfig):
-        self.cfg = cfg
-        init_distributed()
+    def __init__(self, cfg: EmuConfig, lock: dir_lock.DirLock | None = None):
+        self.cfg, self.lock = cfg, lock
+        init_distributed(cfg.parallel.collective_timeout_s)
         self.rank = torch.distributed.get_rank()
         _setup_logging(self.rank)
         self.pgs = init_model_parallel(cfg)
@@ -184,9 +185,9 @@ class Trainer:
             ckpt.cleanup_partial(ck.dir)
             found = ckpt.resolve(ck.dir)
             if found is not None:
-                meta = ckpt.read_meta(found)
+                meta = ckpt.read_meta(found, ck.verify)
                 ckpt.check_model_matches(meta, self.cfg, found)
-                ckpt.load_full(found, self.model, self.optimizer, self.pgs, self.layout)
+                ckpt.load_full(found, self.model, self.optimizer, self.pgs, self.layout, ck.verify)
                 self.scheduler.load_state_dict(meta["scheduler"])
                 self.source.load_state_dict(meta["data"])
                 self.progress.__dict__.update(Progress(**meta["progress"]).__dict__)
@@ -197,8 +198,8 @@ class Trainer:
             found = ckpt.resolve(ck.load)
             if found is None:
                 raise TrainingError(f"checkpoint.load: no checkpoint at {ck.load}")
-            ckpt.check_model_matches(ckpt.read_meta(found), self.cfg, found)
-            ckpt.load_weights(found, self.model, self.optimizer)
+            ckpt.check_model_matches(ckpt.read_meta(found, ck.verify), self.cfg, found)
+            ckpt.load_weights(found, self.model, self.optimizer, ck.verify)
             log.info("initialised weights from %s (optimizer, schedule and data start fresh)", found)
 
     # -- one step --------------------------------------------------------------------------
@@ -284,7 +285,7 @@ class Trainer:
                 "layout": self.layout, "config": _config_dict(cfg)}
         t0 = time.perf_counter()
         path = ckpt.save(cfg.checkpoint.dir, self.model, self.optimizer, self.pgs, meta,
-                         cfg.checkpoint.keep_last, async_queue=self.async_queue)
+                         cfg.checkpoint.keep_last, async_queue=self.async_queue, lock=self.lock)
         log.info("%s checkpoint %s (%.1f s)", "scheduled" if self.async_queue else "saved", path,
                  time.perf_counter() - t0)
 
@@ -364,11 +365,15 @@ def _memory_gib() -> float | None:
 
 def train(cfg: EmuConfig) -> int:
     """Run the job on this rank; returns the exit code."""
-    trainer = None
+    trainer = lock = None
     try:
-        trainer = Trainer(cfg)
+        init_distributed(cfg.parallel.collective_timeout_s)
+        _setup_logging(torch.distributed.get_rank())
+        if cfg.checkpoint.dir:  # before anything is written: one job per checkpoint.dir
+            lock = dir_lock.acquire(cfg.checkpoint.dir)
+        trainer = Trainer(cfg, lock)
         return trainer.run()
-    except (TrainingError, ckpt.CheckpointError, BadDataError) as e:
+    except (TrainingError, ckpt.CheckpointError, ckpt.CheckpointFileError, BadDataError) as e:
         log.error("%s", e)
         if trainer is not None:
             trainer._exit_status("failed", str(e).splitlines()[0])
@@ -376,4 +381,6 @@ def train(cfg: EmuConfig) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+        if lock is not None:
+            lock.release()
         destroy()

@@ -219,6 +219,24 @@ def test_bad_inputs_fail_clearly_and_write_nothing(llama_dir, from_llama, tmp_pa
         mcore_to_hf(from_llama, sharded, progress=False)
 
 
+def test_converter_outputs_have_checksums_and_normal_permissions(from_llama, tmp_path):
+    import os
+
+    from megatron_emu.checkpoint import integrity
+
+    manifest = integrity.Manifest(from_llama)
+    assert manifest.active and sorted(manifest.files) == integrity.checkpoint_files(from_llama)
+    for name, entry in manifest.files.items():
+        with open(from_llama / name, "rb") as f:
+            manifest.check_range(name, f, 0, entry["size"])
+    umask = os.umask(0)
+    os.umask(umask)
+    out = tmp_path / "hf"
+    mcore_to_hf(from_llama, out, progress=False)
+    for directory in (from_llama, out):  # as mkdir would make them, not mkdtemp's 0700
+        assert directory.stat().st_mode & 0o777 == 0o777 & ~umask, directory
+
+
 def test_converted_checkpoint_initialises_training(from_llama, train_data, tmp_path):
     """checkpoint.load: the converted weights start a TP2 x PP2 run (resharded)."""
     from tests.helpers.training import metrics, tiny_args, train
