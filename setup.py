@@ -73,7 +73,9 @@ setup(
         # DALI's CPU decoder runs everywhere; its nvJPEG path needs a GPU.
         "dali": ["nvidia-dali-cuda130"],
         "test": ["pytest>=8", "pytest-timeout", "transformers", "webdataset", "nvidia-dali-cuda130",
-                 *SAMPLES],
+                 "wandb", *SAMPLES],
+        # Optional experiment tracking (run.wandb).
+        "wandb": ["wandb"],
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-dali-cuda130"],
     },
     ext_modules=EXT_MODULES,

@@ -4,6 +4,7 @@
   megatron-emu-data tokenizer --train TEXTFILE --vocab-size N --out DIR
   megatron-emu-data preprocess --format {img2dataset,mmc4,obelics,laion,jsonl} --input PATH...
                                [--images DIR] --tokenizer DIR --out DIR [--image-size 448] [--workers N]
+                               [--overwrite]
   megatron-emu-data inspect DIR [--tokenizer DIR]
   megatron-emu-data samples --out DIR [--copies N]      (real photos + captions, every input format)
 """
@@ -42,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--caption-field", help="caption column/JSON field (laion, img2dataset)")
     pp.add_argument("--max-pixels", type=int, default=8192 * 8192, help="larger images are skipped")
     pp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pp.add_argument("--overwrite", action="store_true",
+                    help="replace another dataset found in --out (refused otherwise)")
     pp.add_argument("--num-tasks", type=int, default=1,
                     help="array jobs: total tasks; each processes every num-tasks-th shard, no merge")
     pp.add_argument("--task-index", type=int, default=None,
@@ -89,7 +92,7 @@ def _preprocess(args) -> int:
                    images=args.images, image_size=args.image_size, workers=args.workers,
                    shard_size=args.shard_size, caption_field=args.caption_field,
                    max_pixels=args.max_pixels, progress=not args.no_progress,
-                   num_tasks=args.num_tasks, merge_only=args.merge_only,
+                   num_tasks=args.num_tasks, merge_only=args.merge_only, overwrite=args.overwrite,
                    task_index=args.task_index if args.task_index is not None
                    else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")) if args.num_tasks > 1 else 0)
     summary = run(opts)

@@ -2,6 +2,10 @@
 
 Emu2 preprocessing (emu2_spec.md §6) resizes straight to (448, 448) with bicubic filtering
 (aspect ratio not kept, no crop); the shards store that size as JPEG, so the loader only decodes.
+
+Colour: 16-bit greyscale (PIL modes ``I;16``, ``I;16B``, ``I;16L``, and ``I``, read as 0..65535)
+is scaled to 8 bit (``round(v * 255 / 65535)``), not clipped; transparent pixels (an alpha
+channel, or a palette/``tRNS`` transparency) are composited on a white ``BACKGROUND``.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import io
 import warnings
 
+import numpy as np
 from PIL import Image, ImageFile
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -17,6 +22,8 @@ Image.MAX_IMAGE_PIXELS = None  # our own limit below, with a clear reason instea
 DEFAULT_MAX_PIXELS = 8192 * 8192
 DEFAULT_MAX_BYTES = 64 * 2**20
 JPEG_QUALITY = 95
+BACKGROUND = (255, 255, 255)  # what transparent pixels become (web pages show them on white)
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class SkipSample(Exception):
@@ -43,15 +50,33 @@ def process_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
             if w * h > max_pixels:
                 raise SkipSample("image_too_large", f"{w}x{h} pixels")
             im.load()
-            if im.mode != "RGB":
-                im = im.convert("RGBA").convert("RGB") if "A" in im.getbands() or im.mode == "P" \
-                    else im.convert("RGB")
+            im = to_rgb(im)
             im = im.resize((size, size), Image.BICUBIC)
             out = io.BytesIO()
             im.save(out, format="JPEG", quality=JPEG_QUALITY, subsampling=0)  # 4:4:4 chroma
             return out.getvalue()
     except SkipSample:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
+    except MemoryError as e:
+        raise SkipSample("image_too_large", f"{type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - decoders of crafted bytes raise all kinds of errors
         raise SkipSample("corrupt_image", f"{type(e).__name__}: {e}") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB: 16-bit greyscale scaled to 8 bit, transparency composited on
+    ``BACKGROUND``."""
+    if im.mode in SIXTEEN_BIT_MODES:
+        wide = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+        grey = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+        key = im.info.get("transparency")
+        if isinstance(key, int):  # tRNS of a 16-bit greyscale PNG: one transparent value
+            grey.putalpha(Image.fromarray(np.where(wide == key, 0, 255).astype(np.uint8)))
+        im = grey
+    if im.mode == "RGB":
+        return im
+    if "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")

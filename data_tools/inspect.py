@@ -95,6 +95,8 @@ def _check_sample(key: str, members: dict, size: int, tok) -> list[str]:
         text, ids = value
         if any(not 0 <= i < st.EMU2_VOCAB_SIZE for i in ids):
             problems.append("token id outside the Emu2 vocabulary")
+        elif any(i >= st.LLAMA_VOCAB_SIZE or i in (st.BOS_ID, st.EOS_ID) for i in ids):
+            problems.append("special token id in a text segment")
         elif tok is not None and tok.encode(text) != ids:
             problems.append("token ids differ from the tokenizer's encoding of the text")
     return problems

@@ -4,9 +4,11 @@ Plan (parent): the format splits its inputs into units (one input file, a record
 ``k`` becomes ``shard-k``. Work (a pool of forked workers): read the unit, tokenize the text with
 the Emu2 tokenizer, check/resize/re-encode the images, write ``shard-k.tar`` then
 ``shard-k.json`` (stats + index rows), each atomically. Merge (parent): ``index.npy``,
-``dataset.json`` and ``summary.json``. A shard whose ``.json`` exists for the same unit and
-options is not redone, so an interrupted run continues where it stopped. Output bytes do not
-depend on the number of workers.
+``dataset.json`` and ``summary.json``, once every unit is done. A shard whose ``.json`` exists
+for the same unit, options and input size/mtime is not redone, so an interrupted run continues
+where it stopped and an edited input is redone (``outdir.py``: staleness, another dataset in
+``--out``, temporary files, incomplete datasets). Output bytes do not depend on the number of
+workers. One bad record never stops a run: it is counted in ``summary.json['skipped']``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from data_tools import sources
+from data_tools import outdir, sources
 from data_tools.images import DEFAULT_MAX_PIXELS, SkipSample, process_image
 from data_tools.sources import RawDoc, Skip
 from megatron_emu.data import shard_format as sf
@@ -53,6 +55,7 @@ class Options:
     num_tasks: int = 1
     task_index: int = 0
     merge_only: bool = False
+    overwrite: bool = False  # replace another dataset in `out` (refused otherwise)
 
     def fingerprint(self, tokenizer_sha: str) -> str:
         """What the shard bytes depend on besides the unit."""
@@ -81,6 +84,7 @@ def _note_skip(stats: ShardStats, reason: str, key: str, detail: str = "") -> No
     stats.skipped[reason] += 1
     _Worker.logged[reason] += 1
     if _Worker.logged[reason] <= LOG_PER_REASON:
+        key, detail = (str(x).encode("utf-8", "backslashreplace").decode() for x in (key, detail))
         log.warning("skipped %s (%s)%s", key, reason, f": {detail}" if detail else "")
         if _Worker.logged[reason] == LOG_PER_REASON:
             log.warning("further %r skips are counted but not logged by this worker", reason)
@@ -118,92 +122,104 @@ def convert(raw: RawDoc, opts: Options, stats: ShardStats) -> Optional[sf.Docume
     return sf.Document(key=raw.key, kind=raw.kind, segments=segments, source=raw.source)
 
 
-def _shard_paths(out: Path, k: int) -> tuple[Path, Path]:
-    stem = sf.SHARD_PATTERN.format(k)
-    return out / f"{stem}.tar", out / f"{stem}.json"
-
-
-def _unit_record(unit: sources.Unit, fingerprint: str) -> dict:
-    return {"path": os.path.abspath(unit.path), "start": unit.start, "stop": unit.stop,
-            "options": fingerprint}
-
-
 def process_unit(job: tuple) -> dict:
-    """Worker: one unit -> ``shard-k.tar`` + ``shard-k.json``. Returns the shard json."""
-    k, unit, opts, fingerprint = job
+    """Worker: one unit -> ``shard-k.tar`` + ``shard-k.json``. Returns the shard record. A
+    failure (a full disk, ...) removes the temporary tar and names the file."""
+    k, unit, opts, expected = job
     if _Worker.tok is None:
         _Worker.tok = Emu2Tokenizer(opts.tokenizer)
-    fmt = sources.get_format(opts.format)
-    tar_path, json_path = _shard_paths(Path(opts.out), k)
-    stats = ShardStats()
-    tmp_tar = tar_path.with_name(f".{tar_path.name}.{os.getpid()}.tmp")
-    with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for n, item in enumerate(fmt.read(unit, opts)):
-            if isinstance(item, Skip):
-                _note_skip(stats, item.reason, item.key, item.detail)
-                continue
-            doc = convert(item, opts, stats)
-            if doc is None:
-                continue
-            key = f"{k:06d}{len(stats.rows):07d}"
-            doc.source = {**doc.source, "input_key": item.key}
-            start = tar.offset
-            for ext, data in sf.encode_document(doc).items():
-                sf.write_member(tar, f"{key}.{ext}", data)
-            n_text = sum(len(v[1]) for kk, v in doc.segments if kk == "text")
-            stats.rows.append([key, start, tar.offset - start, n_text, doc.n_images,
-                               sf.KIND_CODES[doc.kind]])
-            stats.documents += 1
-            stats.images += doc.n_images
-            stats.text_tokens += n_text
-    os.replace(tmp_tar, tar_path)
-    record = {"unit": _unit_record(unit, fingerprint), "documents": stats.documents,
+    tar_path, json_path = outdir.shard_paths(Path(opts.out), k)
+    tmp_tar = outdir.temp_path(tar_path)
+    try:
+        with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
+            stats = _write_documents(tar, k, unit, opts)
+        os.replace(tmp_tar, tar_path)
+    except OSError as e:
+        tmp_tar.unlink(missing_ok=True)
+        if e.filename is None:  # a write error: say which file
+            raise OSError(e.errno, e.strerror, str(tar_path)) from None
+        raise
+    except BaseException:
+        tmp_tar.unlink(missing_ok=True)
+        raise
+    record = {"unit": expected, "tar_size": tar_path.stat().st_size, "documents": stats.documents,
               "images": stats.images, "text_tokens": stats.text_tokens,
               "skipped": dict(sorted(stats.skipped.items())), "rows": stats.rows}
-    _atomic_write(json_path, json.dumps(record, separators=(",", ":")).encode())
+    outdir.atomic_write(json_path, json.dumps(record, separators=(",", ":")).encode())
     return record
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _write_documents(tar: tarfile.TarFile, k: int, unit: sources.Unit, opts: Options) -> ShardStats:
+    stats = ShardStats()
+    for item in sources.get_format(opts.format).read(unit, opts):
+        if isinstance(item, Skip):
+            _note_skip(stats, item.reason, item.key, item.detail)
+            continue
+        try:
+            doc = convert(item, opts, stats)
+            if doc is None:
+                continue
+            doc.source = {**doc.source, "input_key": item.key}
+            members = sf.encode_document(doc)
+        except UnicodeError as e:  # a lone surrogate in text, a key or the source fields
+            _note_skip(stats, "malformed_text", item.key, f"{type(e).__name__}: {e}")
+            continue
+        key = f"{k:06d}{len(stats.rows):07d}"
+        start = tar.offset
+        for ext, data in members.items():
+            sf.write_member(tar, f"{key}.{ext}", data)
+        n_text = sum(len(v[1]) for kk, v in doc.segments if kk == "text")
+        stats.rows.append([key, start, tar.offset - start, n_text, doc.n_images,
+                           sf.KIND_CODES[doc.kind]])
+        stats.documents += 1
+        stats.images += doc.n_images
+        stats.text_tokens += n_text
+    return stats
 
 
-def _done(out: Path, k: int, unit: sources.Unit, fingerprint: str) -> Optional[dict]:
-    tar_path, json_path = _shard_paths(out, k)
-    if not (tar_path.is_file() and json_path.is_file()):
-        return None
-    try:
-        record = json.loads(json_path.read_text())
-    except ValueError:
-        return None
-    return record if record.get("unit") == _unit_record(unit, fingerprint) else None
-
-
-def merge(out: Path, records: list[dict], tokenizer: Emu2Tokenizer, opts: Options) -> dict:
-    """Write ``index.npy``, ``dataset.json`` and ``summary.json`` from the shard records."""
+def merge(out: Path, records: list[Optional[dict]], tokenizer: Emu2Tokenizer, opts: Options) -> dict:
+    """Verify that every unit is done, then write ``index.npy``, ``dataset.json`` and
+    ``summary.json`` (and drop shards of units that no longer exist). With a unit not done, mark
+    the dataset incomplete instead and raise."""
+    missing = [sf.SHARD_PATTERN.format(k) for k, r in enumerate(records) if r is None]
+    if missing:
+        what = f"{len(missing)} of {len(records)} shard(s) not done, e.g. {', '.join(missing[:3])}"
+        outdir.mark_incomplete(out, what)
+        raise ValueError(f"{out} is incomplete ({what}); re-run the same command or array job "
+                         f"(finished shards are skipped) and then the merge; training refuses it until then")
+    for stale in out.glob("shard-*"):  # left by an earlier run with more units
+        if stale.suffix in (".tar", ".json") and stale.stem.split("-")[1].isdigit() \
+                and int(stale.stem.split("-")[1]) >= len(records):
+            stale.unlink()
     rows = [[k, r[1], r[2], r[3], r[4], r[5]] for k, rec in enumerate(records) for r in rec["rows"]]
     index = np.asarray(rows, dtype=np.int64).reshape(-1, 6)
-    tmp = out / f".{sf.INDEX_FILE}.{os.getpid()}.tmp.npy"
-    np.save(tmp, index, allow_pickle=False)
-    os.replace(tmp, out / sf.INDEX_FILE)
+    tmp = outdir.temp_path(out / sf.INDEX_FILE)
+    try:
+        np.save(tmp, index, allow_pickle=False)
+        os.replace(tmp, out / sf.INDEX_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     skipped: Counter = Counter()
     for rec in records:
         skipped.update(rec["skipped"])
     shards = [sf.SHARD_PATTERN.format(k) + ".tar" for k in range(len(records))]
-    meta = {"format_version": sf.FORMAT_VERSION, "image_size": opts.image_size,
-            "source_format": opts.format, "tokenizer_sha256": tokenizer.fingerprint(),
-            "vocab_size": tokenizer.vocab_size, "shards": shards}
+    meta = {**_identity(opts, tokenizer), "vocab_size": tokenizer.vocab_size, "shards": shards}
     summary = {"documents": int(sum(r["documents"] for r in records)),
                "images": int(sum(r["images"] for r in records)),
                "text_tokens": int(sum(r["text_tokens"] for r in records)),
                "shards": len(shards), "skipped": dict(sorted(skipped.items())),
                "pairs": int((index[:, sf.COL_KIND] == sf.KIND_CODES["pair"]).sum()),
                "interleaved": int((index[:, sf.COL_KIND] == sf.KIND_CODES["interleaved"]).sum())}
-    _atomic_write(out / sf.DATASET_FILE, (json.dumps(meta, indent=2) + "\n").encode())
-    _atomic_write(out / sf.SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
+    outdir.atomic_write(out / sf.SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
+    outdir.atomic_write(out / sf.DATASET_FILE, (json.dumps(meta, indent=2) + "\n").encode())
     return summary
+
+
+def _identity(opts: Options, tokenizer: Emu2Tokenizer) -> dict:
+    """The ``dataset.json`` fields that tell one dataset from another."""
+    return {"format_version": sf.FORMAT_VERSION, "image_size": opts.image_size,
+            "source_format": opts.format, "tokenizer_sha256": tokenizer.fingerprint()}
 
 
 def run(opts: Options) -> dict:
@@ -219,31 +235,39 @@ def run(opts: Options) -> dict:
         records.STORE = records.ImageStore(opts.images)
     units = fmt.plan(opts.inputs, opts)
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if opts.num_tasks == 1:
-        for stale in out.glob("shard-*"):  # left by an earlier run with more units
-            if stale.suffix in (".tar", ".json") and int(stale.stem.split("-")[1]) >= len(units):
-                stale.unlink()
     fingerprint = opts.fingerprint(tokenizer.fingerprint())
-    records: list[Optional[dict]] = [_done(out, k, u, fingerprint) for k, u in enumerate(units)]
+    stats = {os.path.abspath(u.path): outdir.input_stat(u.path) for u in units}
+    expected = [outdir.unit_record(u, fingerprint, stats[os.path.abspath(u.path)]) for u in units]
+    if not opts.merge_only and not opts.overwrite:
+        why = outdir.foreign(out, set(stats), fingerprint, _identity(opts, tokenizer))
+        if why:
+            raise ValueError(f"--out {out} holds another dataset ({why}); choose another --out, "
+                             f"or pass --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    mine = [] if opts.merge_only else [k for k in range(len(units)) if k % opts.num_tasks == opts.task_index]
+    removed = outdir.clean_temp(out, mine, merge=opts.merge_only or opts.num_tasks == 1)
+    if removed:
+        log.info("removed %d temporary file(s) of an earlier run that did not finish, e.g. %s",
+                 len(removed), removed[0])
+    records: list[Optional[dict]] = [outdir.done(out, k, e) for k, e in enumerate(expected)]
     if opts.merge_only:
-        missing = [sf.SHARD_PATTERN.format(k) for k, r in enumerate(records) if r is None]
-        if missing:
-            raise ValueError(f"cannot merge: {len(missing)} shard(s) not done yet, e.g. {missing[:3]} "
-                             f"(re-run the array tasks that made them)")
         return merge(out, records, tokenizer, opts)
-    mine = [k for k in range(len(units)) if k % opts.num_tasks == opts.task_index]
-    todo = [(k, units[k], opts, fingerprint) for k in mine if records[k] is None]
+    todo = [(k, units[k], opts, expected[k]) for k in mine if records[k] is None]
     part = f" (array task {opts.task_index} of {opts.num_tasks}: {len(mine)})" if opts.num_tasks > 1 else ""
     log.info("%s: %d input unit(s)%s, %d already done, %d to process with %d worker(s)",
              opts.format, len(units), part, len(mine) - len(todo), len(todo), opts.workers)
+    if todo:  # never an old index beside new shards
+        outdir.mark_incomplete(out, f"{outdir.run_label()} did not finish")
     bar = _progress(len(mine), len(mine) - len(todo), opts.progress)
-    if opts.workers == 1 or len(todo) <= 1:
-        results = map(process_unit, todo)
-        _consume(results, records, units, bar)
-    else:
-        with mp.get_context("fork").Pool(min(opts.workers, len(todo))) as pool:
-            _consume(pool.imap_unordered(process_unit, todo), records, units, bar)
+    try:
+        if opts.workers == 1 or len(todo) <= 1:
+            _consume(map(process_unit, todo), records, units, bar)
+        else:
+            with mp.get_context("fork").Pool(min(opts.workers, len(todo))) as pool:
+                _consume(pool.imap_unordered(process_unit, todo), records, units, bar)
+    except BaseException:  # the pool's workers are gone now: so are their temporary files
+        outdir.clean_temp(out, mine, merge=False)
+        raise
     bar.close()
     if opts.num_tasks > 1:  # the merge step writes index/summary once all tasks are done
         done = [r for k, r in enumerate(records) if k in set(mine)]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from megatron_emu.config import derived
 from megatron_emu.config.schema import EmuConfig
+from megatron_emu.utils import units
 
 GIB = 2**30
 
@@ -141,15 +142,16 @@ def format_plan(p: dict) -> str:
     lines = [f"layout: TP{lay['tp']} PP{lay['pp']} DP{lay['dp']}"
              f"{' VPP' + str(lay['vpp']) if lay['vpp'] else ''}{' +SP' if lay['sequence_parallel'] else ''}"
              f" = {lay['gpus']} GPUs",
-             f"total parameters: {p['total_params']:,} ({p['total_params'] / 1e9:.2f} B)", "",
+             f"total parameters: {p['total_params']:,} ({units.count(p['total_params'])})", "",
              f"{'component':<18}{'parameters':>18}"]
     for name, n in p["params_per_component"].items():
         lines.append(f"{name:<18}{n:>18,}")
     lines += ["", f"{'stage':<7}{'LM layers':>10}{'parameters':>17}{'per GPU':>15}"
-              f"{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'total GiB':>11}"]
+              f"{'weights':>11}{'grads':>11}{'optim':>11}{'activ':>11}{'total':>11}"]
     for s, m in enumerate(p["memory_per_stage"]):
+        mem = "".join(f"{units.size_gib(m[k]):>11}" for k in ("weights", "grads", "optimizer",
+                                                              "activations", "total"))
         lines.append(f"{s:<7}{p['lm_layers_per_stage'][s]:>10}{p['params_per_stage'][s]:>17,}"
-                     f"{p['params_per_gpu'][s]:>15,}{m['weights']:>9.1f}{m['grads']:>8.1f}"
-                     f"{m['optimizer']:>8.1f}{m['activations']:>8.1f}{m['total']:>11.1f}")
-    lines.append(f"\nestimated peak memory per GPU: {p['memory_gib_per_gpu']:.1f} GiB")
+                     f"{p['params_per_gpu'][s]:>15,}{mem}")
+    lines.append(f"\nestimated peak memory per GPU: {units.size_gib(p['memory_gib_per_gpu'])}")
     return "\n".join(lines)

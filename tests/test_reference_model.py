@@ -176,3 +176,22 @@ def test_bf16_runs():
     out = ref.emu2_loss(p, cfg, sample_tokens(), torch.randn(1, 3, 28, 28), image_token_id=IMG,
                         ce_ignore_ids=IGNORE, lm_weight=1.0, reg_weight=1.0)
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+
+
+def test_grouped_query_attention_is_mha_with_shared_kv_heads():
+    """kv_heads < num_heads: query head j uses key/value head j // (num_heads / kv_heads) (LLaMA's
+    ``repeat_kv``); the same as multi-head attention whose heads of a group have equal k/v rows."""
+    gqa_cfg, mha_cfg = tiny_cfg(num_heads=4, num_kv_heads=2), tiny_cfg(num_heads=4)
+    p = ref.init_params(gqa_cfg, seed=7)
+    hd = 32 // 4
+    assert p["model.decoder.lm.model.layers.0.self_attn.k_proj.weight"].shape == (2 * hd, 32)
+    mha = dict(p)
+    for i in range(mha_cfg.num_layers):
+        for n in ("k", "v"):
+            key = f"model.decoder.lm.model.layers.{i}.self_attn.{n}_proj.weight"
+            heads = p[key].view(2, hd, 32)
+            mha[key] = torch.cat([heads[0], heads[0], heads[1], heads[1]])  # heads 0,1 -> kv 0; 2,3 -> kv 1
+    toks = torch.tensor([[1, 5, 6, 7, 8, 9, 10]])
+    got, _, _ = ref.forward(p, gqa_cfg, toks, None, IMG)
+    want, _, _ = ref.forward(mha, mha_cfg, toks, None, IMG)
+    torch.testing.assert_close(got, want)

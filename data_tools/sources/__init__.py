@@ -8,6 +8,7 @@ deterministic whatever the number of workers.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Union
 
@@ -46,6 +47,28 @@ class Skip:
 
 
 Item = Union[RawDoc, Skip]
+
+# What reading one crafted record may raise (a wrong type, a missing key, Infinity where an
+# int belongs, a line nested 100k deep, invalid UTF-8): the record is skipped as malformed_json.
+RECORD_ERRORS = (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError,
+                 RecursionError)
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def loads(data) -> object:
+    """``json.loads`` that refuses ``NaN``/``Infinity`` (Python accepts them, JSON does not)."""
+    return json.loads(data, parse_constant=_not_json)
+
+
+def loads_object(data, what: str) -> dict:
+    """A JSON object, or ``ValueError`` naming ``what`` when it is another JSON value."""
+    value = loads(data)
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def get_format(name: str):

@@ -6,11 +6,10 @@ Each sample is ``KEY.jpg|png|webp`` + ``KEY.txt`` (caption) and/or ``KEY.json`` 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
-from data_tools.sources import RawDoc, Skip, Unit, iter_chunks, unit_records
+from data_tools.sources import RECORD_ERRORS, RawDoc, Skip, Unit, iter_chunks, loads_object, unit_records
 from data_tools.sources.tars import TarScan, count_groups
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -47,7 +46,7 @@ def _caption(group, handle, field: str | None) -> str:
     if field is None and "txt" in group.members:
         return group.read("txt", handle).decode("utf-8", errors="replace")
     if "json" in group.members:
-        meta = json.loads(group.read("json", handle))
+        meta = loads_object(group.read("json", handle), f"{group.key}.json")
         value = meta.get(field or "caption")
         return value if isinstance(value, str) else ""
     return ""
@@ -64,8 +63,8 @@ def read(unit: Unit, opts) -> Iterator:
                 continue
             try:
                 caption = _caption(group, handle, opts.caption_field).strip()
-            except ValueError as e:
-                yield Skip("malformed_json", key, str(e))
+            except RECORD_ERRORS as e:
+                yield Skip("malformed_json", key, f"{type(e).__name__}: {e}")
                 continue
             source = {"tar": Path(unit.path).name, "key": group.key}
             data = group.read(ext, handle)

@@ -8,13 +8,12 @@ MMC4: each image is placed right before its ``matched_text_index`` sentence.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterator, Optional
 
 from data_tools.images import SkipSample
-from data_tools.sources import RawDoc, Skip, Unit, iter_chunks, unit_records
+from data_tools.sources import RECORD_ERRORS, RawDoc, Skip, Unit, iter_chunks, loads_object, unit_records
 from data_tools.sources.img2dataset import expand_inputs
 from data_tools.sources.tars import UrlImageIndex
 
@@ -83,12 +82,11 @@ class _Lines:
             for i, line in unit_records(f, unit):
                 key = f"{Path(unit.path).stem}/{i:09d}"
                 try:
-                    record = json.loads(line)
-                    if not isinstance(record, dict):
-                        raise ValueError("a JSON object per line is expected")
-                    yield cls.document(record, key, base)
-                except (ValueError, KeyError, TypeError, AttributeError) as e:
+                    document = cls.document(loads_object(line, "the line"), key, base)
+                except RECORD_ERRORS as e:
                     yield Skip("malformed_json", key, f"{type(e).__name__}: {e}")
+                else:
+                    yield document
 
 
 def _segment_list(items) -> list:
@@ -144,7 +142,10 @@ class _Parquet:
 
         units = []
         for path in expand_inputs(inputs, (".parquet",)):
-            n = pq.ParquetFile(path).metadata.num_rows
+            try:
+                n = pq.ParquetFile(path).metadata.num_rows
+            except (OSError, ValueError) as e:  # pyarrow's errors do not name the file
+                raise ValueError(f"--input {path}: not a readable parquet file ({e})") from None
             units += [Unit(path, a, b) for a, b in (list(iter_chunks(n, opts.shard_size)) or [(0, 0)])]
         return units
 
@@ -161,9 +162,11 @@ class _Parquet:
                 if i >= unit.start and (unit.stop is None or i < unit.stop):
                     key = f"{Path(unit.path).stem}/{i:09d}"
                     try:
-                        yield cls.document(row, key, names, opts)
-                    except (ValueError, KeyError, TypeError) as e:
+                        document = cls.document(row, key, names, opts)
+                    except RECORD_ERRORS as e:
                         yield Skip("malformed_json", key, f"{type(e).__name__}: {e}")
+                    else:
+                        yield document
                 i += 1
             if unit.stop is not None and i >= unit.stop:
                 break
@@ -182,8 +185,8 @@ class OBELICS(_Parquet):
             elif text is not None:
                 items.append(("text", str(text)))
         meta = row.get("general_metadata")
-        url = json.loads(meta).get("url", "") if isinstance(meta, str) and meta else ""
-        return RawDoc(key, "interleaved", _segment_list(items), {"url": url})
+        url = loads_object(meta, "general_metadata").get("url", "") if meta else ""
+        return RawDoc(key, "interleaved", _segment_list(items), {"url": str(url)})
 
 
 class LAION(_Parquet):

@@ -96,9 +96,9 @@ class UrlImageIndex:
                         continue
                     try:
                         url = json.loads(group.read("json", handle)).get("url")
-                    except ValueError:
+                    except (ValueError, AttributeError, RecursionError):  # not a JSON object
                         continue
-                    if url:
+                    if url and isinstance(url, str):
                         self.table.setdefault(url, (path, *group.members[ext]))
         log.info("image index: %d images by URL from %d tar(s)", len(self.table), len(tars))
 

@@ -11,7 +11,9 @@
   and the parts are merged into one checkpoint (``stream_writer.py``).
 
 Inputs are validated (files, shapes, keys) before anything is written; output is built in a
-temporary directory next to ``out`` and renamed into place at the end.
+temporary directory next to ``out`` (created with the usual, umask-governed permissions) and
+renamed into place at the end. A megatron_emu checkpoint is read with its checksums verified
+(``verify``); one written here gets a ``checksums.json`` like a training save.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from megatron_emu.checkpoint import hf_config, stream_writer
+from megatron_emu.checkpoint import hf_config, integrity, stream_writer
 from megatron_emu.checkpoint.hf_mapping import HF_LM, HF_LM_HEAD, Dims, to_hf
 from megatron_emu.checkpoint.reader import CheckpointReader
 from megatron_emu.checkpoint.safetensors_io import HFReader, ShardWriter, plan_shards, shard_names, write_index
@@ -51,7 +53,9 @@ def _staging(out: Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"--out {out} exists and is not empty; choose a new directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()  # mode 0o777 & ~umask, as `out` itself would get (mkdtemp's 0700 would stay)
+    return tmp
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -85,12 +89,12 @@ def _lm_only_name(name: str) -> Optional[str]:
 
 def mcore_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int] = None, dtype: str = "fp32",
                 lm_only: bool = False, tokenizer: Optional[str] = None, max_shard_gb: float = 5.0,
-                progress: bool = True) -> dict:
+                progress: bool = True, verify: bool = True) -> dict:
     """Write the HF directory; returns ``{"tensors", "total_size", "shards"}``."""
     from megatron_emu.config.io import from_dict
 
     src = resolve_checkpoint(ckpt, iteration)
-    reader = CheckpointReader(src)
+    reader = CheckpointReader(src, verify=verify)
     if "config" not in reader.meta:
         raise ConversionError(f"{src}/megatron_emu.json has no config: not a megatron_emu checkpoint")
     cfg = from_dict(reader.meta["config"])
@@ -203,6 +207,7 @@ def hf_to_mcore(out: str | Path, *, hf: Optional[str] = None, llama: Optional[st
         meta = {"iteration": 0, "kind": "weights", "layout": {"tp": tp, "pp": pp, "vpp": None, "dp": 1},
                 "config": asdict(cfg)}
         (tmp / "megatron_emu.json").write_text(json.dumps(meta, indent=1) + "\n")
+        integrity.build(tmp)
         _publish(tmp, Path(out))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -5,7 +5,9 @@ every transformer layer's tensor is stored as its own chunk(s) (one per TP shard
 stacked key with a leading layer axis). This reader assembles the full, unsharded tensor of one
 key (or of one layer of a stacked key) from its chunks, so memory stays at about one layer,
 whatever layout the checkpoint was saved with. No process group, no model, no optimizer state.
-Tensor chunks are read with ``torch.load(weights_only=True)``.
+``.metadata`` is read by the allow-list unpickler (``safe_pickle``), tensor chunks with
+``torch.load(weights_only=True)``, and every file's bytes are checked against the checkpoint's
+``checksums.json`` as they are read (``verify``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+
+from megatron_emu.checkpoint.safe_pickle import torch_load
 
 # Checkpoint key suffixes (TE-style names megatron-core writes for the local spec too) ->
 # our module's parameter names.
@@ -32,15 +36,21 @@ class CheckpointReadError(ValueError):
 
 
 class CheckpointReader:
-    def __init__(self, ckpt_dir: str | Path):
-        from torch.distributed.checkpoint import FileSystemReader
+    def __init__(self, ckpt_dir: str | Path, verify: bool = True):
+        from megatron_emu.checkpoint.dcp_reader import SafeFileSystemReader
+        from megatron_emu.checkpoint.integrity import Manifest
 
         self.dir = Path(ckpt_dir)
         if not (self.dir / ".metadata").is_file():
             raise CheckpointReadError(f"{self.dir} has no .metadata: not a torch_dist checkpoint directory")
+        self.manifest = Manifest(self.dir, verify=verify)
         meta_file = self.dir / "megatron_emu.json"
-        self.meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        metadata = FileSystemReader(str(self.dir)).read_metadata()
+        raw = self.manifest.read_bytes(meta_file.name) if meta_file.is_file() else b"{}"
+        try:
+            self.meta = json.loads(raw)
+        except ValueError:
+            raise CheckpointReadError(f"{meta_file}: not valid JSON") from None
+        metadata = SafeFileSystemReader(self.dir, self.manifest).read_metadata()
         self.shapes: dict[str, torch.Size] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         self._chunks: dict[str, list] = defaultdict(list)
@@ -102,8 +112,9 @@ class CheckpointReader:
             if layer is not None and not offsets[0] <= layer < offsets[0] + sizes[0]:
                 continue
             with open(self.dir / info.relative_path, "rb") as f:
+                self.manifest.check_range(info.relative_path, f, info.offset, info.length)
                 f.seek(info.offset)
-                chunk = torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
+                chunk = torch_load(io.BytesIO(f.read(info.length)), f"{self.dir / info.relative_path} ({key})")
             if layer is not None:
                 chunk, offsets = chunk[layer - offsets[0]], offsets[1:]
             region = out[tuple(slice(o, o + s) for o, s in zip(offsets, chunk.shape))]

@@ -91,21 +91,99 @@ def write_index(directory: Path, shards: list[list], names: list[str]) -> dict:
     return index
 
 
+class SafetensorsError(ValueError):
+    """A file that is not valid safetensors; the one-line message names it and what is wrong."""
+
+
+# Element sizes of the safetensors dtypes (the format's list; only ``DTYPES`` can be read here).
+ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+            "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_HEADER = 100 << 20  # the safetensors library's own limit
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_entries(path: Path, header: dict, data_size: int) -> None:
+    """As the safetensors format requires: known dtypes, non-negative shapes, offsets that are
+    sorted, inside the data section, non-overlapping and covering it exactly, each spanning
+    ``numel x itemsize`` bytes."""
+    spans = []
+    for name, e in header.items():
+        bad = f"{path}: not a valid safetensors file: tensor {name!r}"
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise SafetensorsError(f"{bad} needs exactly dtype, shape and data_offsets")
+        if e["dtype"] not in ITEMSIZE:
+            raise SafetensorsError(f"{bad} has unknown dtype {e['dtype']!r}")
+        shape, offsets = e["shape"], e["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise SafetensorsError(f"{bad} has an invalid shape {shape!r} (non-negative integers)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise SafetensorsError(f"{bad} has data_offsets {offsets!r} outside the data section "
+                                   f"[0, {data_size}] (a truncated or crafted file)")
+        n = ITEMSIZE[e["dtype"]]
+        for d in shape:
+            n *= d
+        if offsets[1] - offsets[0] != n:
+            raise SafetensorsError(f"{bad} spans {offsets[1] - offsets[0]} bytes, its shape {shape} and "
+                                   f"dtype {e['dtype']} need {n}")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise SafetensorsError(f"{path}: not a valid safetensors file: tensor {name!r} starts at byte "
+                                   f"{begin} of the data, expected {end} (tensors overlap or leave a hole)")
+        end = stop
+    if end != data_size:
+        raise SafetensorsError(f"{path}: not a valid safetensors file: the tensors cover {end} of the "
+                               f"{data_size} data bytes")
+
+
 def read_header(path: Path) -> tuple[dict, int]:
-    """``({name: {"dtype", "shape", "data_offsets"}}, data start)`` of a safetensors file."""
+    """``({name: {"dtype", "shape", "data_offsets"}}, data start)`` of a safetensors file,
+    validated (``_check_entries``) before anything is read from it."""
+    import os
+
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (truncated header)")
+            raise SafetensorsError(f"{path}: not a safetensors file (truncated: {size} bytes)")
         (n,) = struct.unpack("<Q", raw)
-        if n > 100 << 20:
-            raise ValueError(f"{path}: not a safetensors file (header of {n} bytes)")
+        if n > MAX_HEADER:
+            raise SafetensorsError(f"{path}: not a safetensors file (a header of {n} bytes, the limit is "
+                                   f"{MAX_HEADER})")
+        if 8 + n > size:
+            raise SafetensorsError(f"{path}: truncated safetensors file (its header needs {8 + n} bytes, "
+                                   f"the file has {size})")
         try:
             header = json.loads(f.read(n))
-        except ValueError:
-            raise ValueError(f"{path}: not a safetensors file (unreadable header)") from None
-    header.pop("__metadata__", None)
+        except (ValueError, RecursionError):
+            raise SafetensorsError(f"{path}: not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: not a safetensors file (the header is not a JSON object)")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise SafetensorsError(f"{path}: not a valid safetensors file (__metadata__ must map strings to strings)")
+    _check_entries(path, header, size - 8 - n)
     return header, 8 + n
+
+
+def _read_index(index: Path) -> dict:
+    """``weight_map`` of a ``model.safetensors.index.json``: tensor name -> a file in the same
+    directory."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError):
+        raise SafetensorsError(f"{index}: not a safetensors index (no JSON object with a weight_map)") from None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v == Path(v).name and v not in ("", ".", "..")
+            for k, v in weight_map.items()):
+        raise SafetensorsError(f"{index}: weight_map must map tensor names to file names in {index.parent}")
+    return weight_map
 
 
 class HFReader:
@@ -119,7 +197,7 @@ class HFReader:
         self.dir = Path(directory)
         index = self.dir / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_index(index)
         elif (self.dir / "model.safetensors").is_file():
             weight_map = {k: "model.safetensors" for k in read_header(self.dir / "model.safetensors")[0]}
         else:
@@ -142,10 +220,11 @@ class HFReader:
             self._headers[fname] = read_header(self.dir / fname)
         header, start = self._headers[fname]
         if name not in header:
-            raise ValueError(f"{self.dir / fname}: the index lists {name!r} but the file does not hold it")
+            raise SafetensorsError(f"{self.dir / fname}: the index lists {name!r} but the file does not hold it")
         entry = header[name]
         if entry["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{self.dir}: {name!r} has unsupported dtype {entry['dtype']}")
+            raise SafetensorsError(f"{self.dir / fname}: {name!r} has dtype {entry['dtype']}, which this "
+                                   f"converter does not read ({', '.join(sorted(_ST_DTYPES))})")
         return self.dir / fname, entry, start
 
     def shape(self, name: str) -> tuple:
@@ -159,14 +238,11 @@ class HFReader:
     def get(self, name: str) -> torch.Tensor:
         path, entry, start = self._entry(name)
         dtype, shape = _ST_DTYPES[entry["dtype"]], tuple(entry["shape"])
-        begin, end = entry["data_offsets"]
-        if end - begin != nbytes(shape, dtype):
-            raise ValueError(f"{path}: {name!r} spans {end - begin} bytes, its shape {shape} needs "
-                             f"{nbytes(shape, dtype)}")
+        begin, end = entry["data_offsets"]  # validated by read_header
         out = torch.empty(shape, dtype=dtype)
         if out.numel():
             with open(path, "rb") as f:
                 f.seek(start + begin)
                 if f.readinto(out.reshape(-1).view(torch.uint8).numpy()) != end - begin:
-                    raise ValueError(f"{path}: truncated data for {name!r}")
+                    raise SafetensorsError(f"{path}: truncated data for {name!r}")
         return out

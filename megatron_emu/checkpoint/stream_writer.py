@@ -120,7 +120,7 @@ def _append(src: Path, dest: Path) -> int:
 def merge_parts(parts: list[Path], out: Path) -> dict:
     """Join the part checkpoints (in order) into ``out``; returns ``{key: global shape}``.
     Removes the parts."""
-    from torch.distributed.checkpoint import FileSystemReader
+    from megatron_emu.checkpoint.safe_pickle import read_dcp_metadata
 
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict = {}
@@ -132,7 +132,7 @@ def merge_parts(parts: list[Path], out: Path) -> dict:
 
     fields = {f.name for f in dataclasses.fields(Metadata)}
     for part in parts:
-        md = FileSystemReader(str(part)).read_metadata()  # written just now by save_part
+        md = read_dcp_metadata(part / ".metadata")  # written just now by save_part
         first = first or md
         shift = {f.name: _append(f, out / f.name) for f in sorted(part.glob("*.distcp"))}
         layers = json.loads((part / LAYERS_FILE).read_text())

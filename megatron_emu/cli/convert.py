@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's data.tokenizer)")
     a.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (default 5)")
     a.add_argument("--no-progress", action="store_true")
+    a.add_argument("--no-verify", action="store_true", help="do not check the checkpoint's checksums.json")
     b = sub.add_parser("hf-to-mcore", help="Hugging Face (Emu2, or LLaMA [+ EVA]) -> megatron_emu checkpoint")
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", help="Emu2 Hugging Face directory")
@@ -45,17 +46,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from megatron_emu.checkpoint.convert import ConversionError, hf_to_mcore, mcore_to_hf
     from megatron_emu.checkpoint.reader import CheckpointReadError
+    from megatron_emu.checkpoint.safe_pickle import CheckpointFileError
+    from megatron_emu.checkpoint.safetensors_io import SafetensorsError
 
     try:
         if args.command == "mcore-to-hf":
             result = mcore_to_hf(args.ckpt, args.out, iteration=args.iteration, dtype=args.dtype,
                                  lm_only=args.lm_only, tokenizer=args.tokenizer,
-                                 max_shard_gb=args.max_shard_gb, progress=not args.no_progress)
+                                 max_shard_gb=args.max_shard_gb, progress=not args.no_progress,
+                                 verify=not args.no_verify)
         else:
             result = hf_to_mcore(args.out, hf=args.hf, llama=args.llama, vision=args.vision, config=args.config,
                                  overrides=tuple(args.overrides), tp=args.tp, pp=args.pp,
                                  progress=not args.no_progress)
-    except (ConversionError, CheckpointReadError, FileNotFoundError, KeyError) as e:
+    except (ConversionError, CheckpointReadError, CheckpointFileError, SafetensorsError, FileNotFoundError,
+            KeyError) as e:
         print(f"megatron-emu-convert {args.command}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result))

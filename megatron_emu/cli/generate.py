@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--no-verify", action="store_true", help="do not check the checkpoint's checksums.json")
     return p
 
 
@@ -39,7 +40,7 @@ def _run(rank: int, args) -> dict:
     from megatron_emu.data.tokenizer import Emu2Tokenizer
     from megatron_emu.inference.generate import generate, load_images, load_model, prompt_ids
 
-    model, cfg, tok_dir = load_model(ckpt=args.ckpt, hf=args.hf)
+    model, cfg, tok_dir = load_model(ckpt=args.ckpt, hf=args.hf, verify=not args.no_verify)
     tok_dir = args.tokenizer or tok_dir
     tokenizer = Emu2Tokenizer(tok_dir) if tok_dir else None
     if args.prompt is not None:

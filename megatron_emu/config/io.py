@@ -30,6 +30,43 @@ _MISSING = object()
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
+def _section_type(hint: Any) -> Any:
+    """The dataclass of a section annotated ``X`` or ``Optional[X]`` (else ``hint`` itself)."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            return inner[0]
+    return hint
+
+
+def _dotted_keys(cls: type = EmuConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (sections and leaves)."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        out.append(prefix + f.name)
+        section = _section_type(hints[f.name])
+        if dataclasses.is_dataclass(section):
+            out += _dotted_keys(section, f"{prefix}{f.name}.")
+    return out
+
+
+def did_you_mean(key: str) -> str:
+    """`` (did you mean `train.lr`?)`` for a mistyped dotted key, or "" when nothing is close:
+    the closest whole key, else the closest name in the same section."""
+    import difflib
+
+    keys = _dotted_keys()
+    same_depth = [k for k in keys if k.count(".") == key.count(".")]
+    best = difflib.get_close_matches(key, same_depth, n=1, cutoff=0.75)
+    if not best:
+        section, _, leaf = key.rpartition(".")
+        siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == section]
+        near = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
+        best = [f"{section}.{near[0]}" if section else near[0]] if near else []
+    return f" (did you mean `{best[0]}`?)" if best else ""
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -94,7 +131,8 @@ def _build(cls: type, data: Any, path: str, errors: list[str]) -> Any:
     prefix = f"{path}." if path else ""
     for key in data:
         if key not in fields:
-            errors.append(f"{prefix}{key}: unknown key (allowed: {', '.join(sorted(fields))})")
+            errors.append(f"{prefix}{key}: unknown key{did_you_mean(prefix + str(key))} "
+                          f"(allowed here: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, f in fields.items():
         if name in data:
@@ -155,12 +193,12 @@ def apply_overrides(data: dict, overrides: list[str], errors: list[str] | None =
         for i, part in enumerate(parts):
             names = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
             if part not in names:
-                errors.append(f"--set {key}: unknown key {'.'.join(parts[:i + 1])!r}")
+                errors.append(f"--set {key}: unknown key {'.'.join(parts[:i + 1])!r}{did_you_mean(key)}")
                 break
             if i == len(parts) - 1:
                 node[part] = value
                 break
-            hint = typing.get_type_hints(cls)[part]
+            hint = _section_type(typing.get_type_hints(cls)[part])
             if not dataclasses.is_dataclass(hint):
                 errors.append(f"--set {key}: {'.'.join(parts[:i + 1])!r} is not a section")
                 break

@@ -66,7 +66,8 @@ class LossConfig:
 
     lm_weight: float = 1.0
     reg_weight: float = 1.0
-    # Text head cross-entropy: "plain" (megatron-core vocab-parallel CE), "fused" (megatron-core's
+    # Text head cross-entropy: "plain" (megatron-core vocab-parallel CE, the reference; its
+    # boolean-mask indexing syncs with the host on GPU), "fused" (megatron-core's
     # fused vocab-parallel CE: softmax and gradient in place, one all-reduce less) or
     # "linear_chunked" (torch's chunked linear + CE: never holds the [tokens, vocab] logits;
     # TP = 1 only). All give the same numbers.
@@ -87,6 +88,11 @@ class ModelConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     # "local": megatron-core's local spec (CPU, CI); "transformer_engine": TE spec (GPU, FP8).
     transformer_impl: Literal["local", "transformer_engine"] = "local"
+    # Core attention of the local spec: "sdpa" (torch scaled_dot_product_attention: flash /
+    # cuDNN / memory-efficient kernels on GPU, the math kernel on CPU), "unfused" (megatron-core's
+    # DotProductAttention, [b, heads, s, s] scores in memory); "auto" = sdpa. The
+    # transformer_engine spec always uses TE's own fused attention (leave this at auto).
+    attention_backend: Literal["auto", "sdpa", "unfused"] = "auto"
     # Weights/activations dtype. fp32 on CPU makes layouts and resumes exactly comparable.
     params_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     init_method_std: float = 0.02
@@ -107,6 +113,8 @@ class ParallelConfig:
     overlap_param_gather: bool = False
     # Batched p2p is wrong with virtual pipeline and PP=2 (megatron_core_cpu.md §6).
     batch_p2p_comm: bool = True
+    # Every collective and barrier (world and megatron-core's groups) fails after this long.
+    collective_timeout_s: float = 600.0
 
 
 @dataclass(kw_only=True)
@@ -138,10 +146,18 @@ class TrainConfig:
     # Parameter-name globs (e.g. "vision.*") that are frozen: no gradient, no optimizer state.
     freeze: list[str] = field(default_factory=list)
     recompute_granularity: Optional[Literal["selective", "full"]] = None
+    # FP8 (Transformer Engine spec, bf16): format, and the scaling recipe: "delayed" (amax
+    # history) or "current" (per-tensor current scaling, TE's Float8CurrentScaling).
     fp8: Optional[Literal["hybrid", "e4m3"]] = None
+    fp8_recipe: Literal["delayed", "current"] = "delayed"
     module_lr: ModuleLRConfig = field(default_factory=ModuleLRConfig)
     # Save and exit 0 once this much wall time has passed (a scheduler time limit); null: never.
     exit_duration_mins: Optional[float] = None
+    # Validation (when data.valid_path or data.valid_fraction is set): every eval_interval
+    # iterations (null: only at the end and before a save on a signal), eval_iters global
+    # batches each time, always the same ones.
+    eval_interval: Optional[int] = None
+    eval_iters: int = 10
     # Save and exit 0 at every multiple of this iteration (chained jobs of fixed length); null: never.
     exit_interval: Optional[int] = None
     # Stop with an error after this many consecutive steps skipped for a non-finite loss/grad.
@@ -165,10 +181,21 @@ class DataConfig:
     pair_image_first_prob: float = 0.5
     # Documents looked ahead to fill a sequence when packing.
     packing_lookahead: int = 16
+    # A bad sample (corrupt image, truncated shard) is skipped, logged and counted (bad_samples
+    # in metrics.jsonl); this many in a row stop the job with an error (docs/data.md).
+    max_consecutive_bad_samples: int = 100
+    # Validation data (train.eval_interval / eval_iters): held-out dataset(s) with the blend
+    # syntax of `path`, or a fraction of `path`'s documents held out by a hash of each document
+    # (the same documents on every run and layout; training then never sees them). Neither: no
+    # validation.
+    valid_path: list[str] | str = field(default_factory=list)
+    valid_fraction: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.path, str):  # `--set data.path=/dir`: one dataset
             self.path = [self.path]
+        if isinstance(self.valid_path, str):
+            self.valid_path = [self.valid_path]
 
 
 @dataclass(kw_only=True)
@@ -184,12 +211,24 @@ class CheckpointConfig:
     save_at_end: bool = True
     # GPU only: copy to host memory and write in the background while training goes on.
     async_save: bool = False
+    # Check every checkpoint file read (resume, checkpoint.load) against its checksums.json.
+    verify: bool = True
+
+
+@dataclass(kw_only=True)
+class WandbConfig:
+    """Optional Weights & Biases logging of the metrics (needs `pip install wandb`)."""
+
+    project: str
+    name: Optional[str] = None
+    mode: Literal["online", "offline"] = "online"
 
 
 @dataclass(kw_only=True)
 class RunConfig:
     dir: str = "runs/default"
     log_interval: int = 1
+    wandb: Optional[WandbConfig] = None
 
 
 @dataclass(kw_only=True)

@@ -43,6 +43,20 @@ def _positive(errors: list[str], cfg: EmuConfig) -> None:
             errors.append(f"{name}: must be positive, got {value}")
 
 
+def _finite(errors: list[str], node, path: str = "") -> None:
+    """Every float of the config (at any depth, in lists too) is a finite number."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _finite(errors, getattr(node, f.name), f"{path}.{f.name}" if path else f.name)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            _finite(errors, item, f"{path}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        errors.append(f"{path}: must be a finite number, got {node}")
+
+
 def _vision(errors: list[str], cfg: EmuConfig) -> None:
     v, n_query = cfg.model.vision, cfg.model.adapter.n_query
     if v.image_size % v.patch_size:
@@ -179,6 +193,9 @@ def _train(errors: list[str], cfg: EmuConfig) -> None:
             errors.append("train.fp8 needs model.transformer_impl: transformer_engine")
         if cfg.model.params_dtype != "bfloat16":
             errors.append("train.fp8 needs model.params_dtype: bfloat16")
+    if cfg.model.transformer_impl == "transformer_engine" and cfg.model.attention_backend != "auto":
+        errors.append(f"model.attention_backend={cfg.model.attention_backend} applies to the local spec; "
+                      "transformer_impl: transformer_engine uses TE's fused attention (set auto)")
     for name in ("vision", "adapter", "lm", "regression_head"):
         value = getattr(tr.module_lr, name)
         if value is not None and value <= 0:
@@ -192,6 +209,8 @@ def _train(errors: list[str], cfg: EmuConfig) -> None:
     ck = cfg.checkpoint
     if ck.save_interval < 1 or ck.keep_last < 1:
         errors.append("checkpoint.save_interval and checkpoint.keep_last must be >= 1")
+    if cfg.parallel.collective_timeout_s <= 0:
+        errors.append(f"parallel.collective_timeout_s ({cfg.parallel.collective_timeout_s}) must be positive")
     if cfg.parallel.overlap_param_gather and not cfg.parallel.use_distributed_optimizer:
         errors.append("parallel.overlap_param_gather needs parallel.use_distributed_optimizer")
 
@@ -208,10 +227,21 @@ def _data(errors: list[str], cfg: EmuConfig) -> None:
         errors.append(f"data.pair_image_first_prob ({d.pair_image_first_prob}) must be in [0, 1]")
     if d.packing_lookahead < 1:
         errors.append(f"data.packing_lookahead ({d.packing_lookahead}) must be >= 1")
+    if d.max_consecutive_bad_samples < 1:
+        errors.append(f"data.max_consecutive_bad_samples ({d.max_consecutive_bad_samples}) must be >= 1")
     if d.num_workers < 0:
         errors.append(f"data.num_workers ({d.num_workers}) must be >= 0")
     if d.max_images_per_sequence < 0:
         errors.append(f"data.max_images_per_sequence ({d.max_images_per_sequence}) must be >= 0")
+    if not 0.0 <= d.valid_fraction < 1.0:
+        errors.append(f"data.valid_fraction ({d.valid_fraction}) must be in [0, 1)")
+    if d.valid_fraction and d.valid_path:
+        errors.append("data.valid_path and data.valid_fraction: give one way to validate, not both")
+    tr = cfg.train
+    if tr.eval_iters < 1:
+        errors.append(f"train.eval_iters ({tr.eval_iters}) must be >= 1")
+    if tr.eval_interval is not None and tr.eval_interval < 1:
+        errors.append(f"train.eval_interval ({tr.eval_interval}) must be >= 1 (or null)")
     for i, entry in enumerate(d.path):
         head, sep, tail = entry.partition(":")
         if sep and head.replace(".", "", 1).isdigit() and (float(head) <= 0 or not tail):
@@ -220,30 +250,44 @@ def _data(errors: list[str], cfg: EmuConfig) -> None:
 
 def data_path_errors(cfg: EmuConfig) -> list[str]:
     """Problems with the data on disk (checked by the training job before any process group)."""
-    from pathlib import Path
-
     errors = []
     if not cfg.data.path:
         errors.append("data.path: no dataset given (a directory from `megatron-emu-data preprocess`)")
-    for i, entry in enumerate(cfg.data.path):
-        head, sep, tail = entry.partition(":")
-        directory = tail if sep and head.replace(".", "", 1).isdigit() else entry
-        meta_file = Path(directory) / "dataset.json"
-        if not meta_file.is_file():
-            errors.append(f"data.path[{i}]: {directory!r} is not a preprocessed dataset (no dataset.json)")
-        else:
-            import json
-
-            size = json.loads(meta_file.read_text()).get("image_size")
-            if size != cfg.model.vision.image_size:
-                errors.append(f"data.path[{i}]: images in {directory} are {size} px but "
-                              f"model.vision.image_size is {cfg.model.vision.image_size}")
-            if cfg.data.tokenizer:
-                errors += _tokenizer_matches(i, meta_file, cfg.data.tokenizer)
+    if not cfg.data.tokenizer:
+        errors.append("data.tokenizer: required for training: the tokenizer directory the data was "
+                      "preprocessed with (`megatron-emu-data tokenizer`); checkpoints record it for "
+                      "conversion and generation")
+    for key in ("path", "valid_path"):
+        for i, entry in enumerate(getattr(cfg.data, key)):
+            errors += _dataset_errors(cfg, f"data.{key}[{i}]", entry)
     return errors
 
 
-def _tokenizer_matches(i: int, meta_file, tokenizer: str) -> list[str]:
+def _dataset_errors(cfg: EmuConfig, name: str, entry: str) -> list[str]:
+    """Problems of one ``data.path`` / ``data.valid_path`` entry on disk."""
+    import json
+    from pathlib import Path
+
+    head, sep, tail = entry.partition(":")
+    directory = tail if sep and head.replace(".", "", 1).isdigit() else entry
+    meta_file = Path(directory) / "dataset.json"
+    if not meta_file.is_file():
+        return [f"{name}: {directory!r} is not a preprocessed dataset (no dataset.json)"]
+    errors = []
+    meta = json.loads(meta_file.read_text())
+    size = meta.get("image_size")
+    if meta.get("incomplete"):
+        errors.append(f"{name}: {directory} is an incomplete dataset ({meta['incomplete']}); "
+                      f"finish it by re-running its `megatron-emu-data preprocess` command")
+    elif size != cfg.model.vision.image_size:
+        errors.append(f"{name}: images in {directory} are {size} px but "
+                      f"model.vision.image_size is {cfg.model.vision.image_size}")
+    if cfg.data.tokenizer:
+        errors += _tokenizer_matches(name, meta_file, cfg.data.tokenizer)
+    return errors
+
+
+def _tokenizer_matches(name: str, meta_file, tokenizer: str) -> list[str]:
     import hashlib
     import json
     from pathlib import Path
@@ -253,7 +297,7 @@ def _tokenizer_matches(i: int, meta_file, tokenizer: str) -> list[str]:
         return [f"data.tokenizer: {tokenizer!r} has no tokenizer.model"]
     saved = json.loads(meta_file.read_text()).get("tokenizer_sha256")
     if saved and saved != hashlib.sha256(model.read_bytes()).hexdigest():
-        return [f"data.path[{i}]: {meta_file.parent} was tokenized with another tokenizer than "
+        return [f"{name}: {meta_file.parent} was tokenized with another tokenizer than "
                 f"data.tokenizer ({tokenizer})"]
     return []
 
@@ -281,6 +325,9 @@ def _freeze(errors: list[str], cfg: EmuConfig) -> None:
 def config_errors(cfg: EmuConfig, world_size: Optional[int] = None) -> list[str]:
     """All problems of ``cfg`` (empty when valid). ``world_size`` is checked when given."""
     errors: list[str] = []
+    _finite(errors, cfg)
+    if errors:  # NaN passes every comparison below
+        return errors
     _positive(errors, cfg)
     if errors:  # the cross-field rules below divide by these sizes
         return errors

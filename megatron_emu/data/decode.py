@@ -72,6 +72,7 @@ class DaliDecoder:
         from megatron_emu.utils import device
 
         self.size, self.max_batch, self.gpu = size, max(1, max_batch), gpu
+        self.failed = 0
 
         @pipeline_def(batch_size=self.max_batch, num_threads=num_threads,
                       device_id=device.local_index() if gpu else None, prefetch_queue_depth=1)
@@ -86,13 +87,35 @@ class DaliDecoder:
     def __call__(self, encoded: list[bytes]) -> torch.Tensor:
         chunks = []
         for start in range(0, len(encoded), self.max_batch):
-            part = [np.frombuffer(b, dtype=np.uint8) for b in encoded[start:start + self.max_batch]]
-            self.pipe.feed_input("jpegs", part)
-            (out,) = self.pipe.run()
-            chunks.append(self._to_torch(out))
+            batch = encoded[start:start + self.max_batch]
+            self.pipe.feed_input("jpegs", [np.frombuffer(b, dtype=np.uint8) for b in batch])
+            try:
+                (out,) = self.pipe.run()
+                chunks.append(self._to_torch(out))
+            except RuntimeError:  # an image DALI cannot decode: this batch image by image
+                chunks.append(self._one_by_one(batch))
         if not chunks:
             return torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
         return torch.cat(chunks)
+
+    def _one_by_one(self, batch: list[bytes]) -> torch.Tensor:
+        """PIL decoding; an image that does not decode is black (its tokens stay) and counted in
+        ``failed`` (the loader's ``bad_samples``)."""
+        images = []
+        for data in batch:
+            try:
+                images.append(decode_pil(data, self.size))
+            except Exception as e:  # noqa: BLE001 - decoders of crafted bytes raise anything
+                self.failed += 1
+                log.warning("an image does not decode (%s: %s); a black image takes its place",
+                            type(e).__name__, e)
+                images.append(np.zeros((3, self.size, self.size), dtype=np.uint8))
+        out = torch.from_numpy(np.stack(images))
+        if self.gpu:
+            from megatron_emu.utils import device
+
+            out = out.to(device.device())
+        return out
 
     def _to_torch(self, out) -> torch.Tensor:
         if self.gpu:
@@ -100,8 +123,20 @@ class DaliDecoder:
         return torch.from_numpy(np.array(out.as_tensor()))
 
 
+_STATS: dict = {}
+
+
+def _stats(dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP mean/std ``[1, 3, 1, 1]`` on ``dev``, made once per device (a copy from host memory
+    would otherwise synchronise every micro-batch)."""
+    key = str(dev)
+    if key not in _STATS:
+        _STATS[key] = tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(dev)
+                            for v in (CLIP_MEAN, CLIP_STD))
+    return _STATS[key]
+
+
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``uint8 [n, 3, H, W]`` (on the training device) -> CLIP-normalised ``dtype`` pixels."""
-    mean = torch.tensor(CLIP_MEAN, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    mean, std = _stats(images.device)
     return ((images.float() / 255.0 - mean) / std).to(dtype)

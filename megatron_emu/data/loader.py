@@ -5,7 +5,9 @@ global micro-step (``micro_batch_size x dp_size`` sequences, rank ``r`` takes th
 ``micro_batch_size``); workers of a torch ``DataLoader`` read, assemble and decode those
 sequences. ``state_dict()`` is the plan position after the last micro-batch handed out (not
 the ones prefetched), so a restored loader continues exactly, under any DP size as long as it is
-saved at a global-batch boundary (the training loop saves there).
+saved at a global-batch boundary (the training loop saves there). A bad document (corrupt
+image, cut shard) is dropped from its sequence alike on every rank, logged and counted
+(``bad_samples.py``; ``EmuDataLoader.bad_samples``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_emu.contracts.batch import Emu2Batch, make_batch
+from megatron_emu.data import bad_samples as bad
 from megatron_emu.data import decode as dec
+from megatron_emu.data import special_tokens as st
 from megatron_emu.data import shard_format as sf
 from megatron_emu.data.plan import BlendedPlan, PackingSpec
 from megatron_emu.data.sequence import build_sequence, image_first
@@ -58,16 +63,30 @@ class LoaderSpec:
     lookahead: int = 16
     # False on ranks that never see pixels (pipeline stages after the first): no decoding.
     decode_images: bool = True
+    max_consecutive_bad: int = 100  # bad_samples.py
+    # Label ids excluded from cross-entropy (model.loss.ce_ignore_tokens), for the batch's CE mask.
+    ce_ignore_ids: tuple = ()
+    # "all" documents, or the "train" / "valid" side of data.valid_fraction (plan.in_valid_split).
+    split: str = "all"
+    valid_fraction: float = 0.0
 
     @classmethod
-    def from_config(cls, cfg, dp_rank: int = 0, dp_size: int = 1, decode_images: bool = True) -> "LoaderSpec":
+    def from_config(cls, cfg, dp_rank: int = 0, dp_size: int = 1, decode_images: bool = True,
+                    validation: bool = False) -> "LoaderSpec":
+        """The training data, or with ``validation`` the held-out data: ``data.valid_path``, or
+        the "valid" side of ``data.valid_fraction`` of ``data.path``."""
         d = cfg.data
-        return cls(paths=tuple(parse_paths(d.path)), seq_length=cfg.train.seq_length,
+        paths = d.valid_path if validation and d.valid_path else d.path
+        split = "all" if not d.valid_fraction else ("valid" if validation else "train")
+        return cls(paths=tuple(parse_paths(paths)), split=split, valid_fraction=d.valid_fraction,
+                   seq_length=cfg.train.seq_length,
                    n_query=cfg.model.adapter.n_query, image_size=cfg.model.vision.image_size,
                    micro_batch_size=cfg.train.micro_batch_size, max_images=d.max_images_per_sequence,
                    dp_rank=dp_rank, dp_size=dp_size, num_workers=d.num_workers, seed=cfg.train.seed,
                    decoder=d.decoder, image_first_prob=d.pair_image_first_prob,
-                   lookahead=d.packing_lookahead, decode_images=decode_images)
+                   lookahead=d.packing_lookahead, decode_images=decode_images,
+                   max_consecutive_bad=d.max_consecutive_bad_samples,
+                   ce_ignore_ids=tuple(st.token_id(t) for t in cfg.model.loss.ce_ignore_tokens))
 
 
 @dataclass
@@ -82,13 +101,11 @@ class LoaderBatch:
     images: torch.Tensor
     keys: list = field(default_factory=list)
 
-    def to_model(self, device: torch.device, dtype: torch.dtype = torch.float32):
-        """Move to the device and normalise the pixels there -> ``Emu2Batch``."""
-        from megatron_emu.model.multimodal import Emu2Batch
-
-        images = dec.normalize(self.images.to(device, non_blocking=True), dtype)
-        return Emu2Batch(tokens=self.tokens.to(device), labels=self.labels.to(device),
-                         loss_mask=self.loss_mask.to(device), images=images)
+    def to_batch(self, ce_ignore_ids) -> Emu2Batch:
+        """The model's micro-batch on the host, every position precomputed (``contracts.batch``);
+        pixels stay uint8 until the device normalises them."""
+        return make_batch(self.tokens, self.labels, self.loss_mask, self.images,
+                          image_id=st.IMAGE_ID, ce_ignore_ids=ce_ignore_ids)
 
 
 class SequenceReader(torch.utils.data.Dataset):
@@ -99,30 +116,58 @@ class SequenceReader(torch.utils.data.Dataset):
         self.dirs = [Path(d) for _, d in spec.paths]
         self._handles: dict = {}
 
-    def _read(self, dataset: int, doc: int) -> sf.Document:
+    def _read(self, dataset: int, doc: int):
+        """``(document, None)``, or ``(None, BadSample)`` for a document that cannot be used
+        (``bad_samples.py``: the same answer on every rank)."""
         row = self.indexes[dataset][doc]
-        shard = int(row[sf.COL_SHARD])
-        handle = self._handles.get((dataset, shard))
-        if handle is None:
-            path = self.dirs[dataset] / self.metas[dataset]["shards"][shard]
-            handle = self._handles[(dataset, shard)] = open(path, "rb")
-        members = sf.read_span(handle.name, int(row[sf.COL_OFFSET]), int(row[sf.COL_SIZE]), handle)
-        return sf.decode_document(f"{dataset}:{doc}", members)
+        shard, offset = int(row[sf.COL_SHARD]), int(row[sf.COL_OFFSET])
+        path = self.dirs[dataset] / self.metas[dataset]["shards"][shard]
+        try:
+            handle = self._handles.get((dataset, shard))
+            if handle is None:
+                handle = self._handles[(dataset, shard)] = open(path, "rb")
+            members = sf.read_span(path, offset, int(row[sf.COL_SIZE]), handle)
+            document = sf.decode_document(f"{dataset}:{doc}", members)
+            problem = bad.check_document(document)
+        except Exception as e:  # noqa: BLE001 - a crafted or cut shard may raise anything
+            problem, handle = f"{type(e).__name__}: {e}", self._handles.get((dataset, shard))
+        if problem is None:
+            return document, None
+        key = bad.span_key(handle, offset) if handle is not None else f"byte {offset}"
+        return None, bad.BadSample(str(path), key, problem)
 
     def __getitem__(self, descriptor) -> dict:
         dataset, items = descriptor
         s = self.spec
-        docs = [(self._read(dataset, doc), image_first(s.seed, dataset, epoch, doc, s.image_first_prob))
-                for epoch, doc in items]
+        docs, outcomes, owner = [], [], {}
+        for epoch, doc in items:
+            document, problem = self._read(dataset, doc)
+            outcomes.append(problem)
+            if document is not None:
+                docs.append((document, image_first(s.seed, dataset, epoch, doc, s.image_first_prob)))
+                owner.update({id(v): doc for k, v in document.segments if k == "image"})
         seq = build_sequence(docs, s.seq_length, s.n_query, s.max_images)
         if not s.decode_images:
             images = []
         elif self.decode_here:
-            images = [dec.decode_pil(b, s.image_size) for b in seq.images]
+            images = [self._decode(dataset, owner[id(b)], b, outcomes) for b in seq.images]
         else:
             images = seq.images
         return {"tokens": seq.tokens, "labels": seq.labels, "loss_mask": seq.loss_mask,
-                "reg_mask": seq.reg_mask, "images": images, "keys": seq.documents}
+                "reg_mask": seq.reg_mask, "images": images, "keys": seq.documents, "outcomes": outcomes}
+
+    def _decode(self, dataset: int, doc: int, data: bytes, outcomes: list) -> np.ndarray:
+        """Pixels of an image; one that does not decode is black (its tokens stay) and counted."""
+        try:
+            return dec.decode_pil(data, self.spec.image_size)
+        except Exception as e:  # noqa: BLE001 - decoders of crafted bytes raise anything
+            row = self.indexes[dataset][doc]
+            shard = int(row[sf.COL_SHARD])
+            path = self.dirs[dataset] / self.metas[dataset]["shards"][shard]
+            key = bad.span_key(self._handles[(dataset, shard)], int(row[sf.COL_OFFSET]))
+            outcomes.append(bad.BadSample(str(path), key, f"image does not decode ({type(e).__name__}: {e})"))
+            size = self.spec.image_size
+            return np.zeros((3, size, size), dtype=np.uint8)
 
     def __len__(self) -> int:  # unused: the sampler is infinite
         return 2**62
@@ -137,6 +182,7 @@ def _collate(samples: list[dict]) -> dict:
     else:
         out["images"] = images  # encoded, decoded in the main process (DALI)
     out["keys"] = [s["keys"] for s in samples]
+    out["outcomes"] = [o for s in samples for o in s["outcomes"]]  # bad_samples.py, in plan order
     return out
 
 
@@ -206,20 +252,30 @@ class EmuDataLoader:
             metas.append(meta)
             indexes.append(index)
         pack = PackingSpec(seq_length=spec.seq_length, tokens_per_image=spec.n_query + 2,
-                           max_images=spec.max_images, lookahead=spec.lookahead, seed=spec.seed)
+                           max_images=spec.max_images, lookahead=spec.lookahead, seed=spec.seed,
+                           split=spec.split, valid_fraction=spec.valid_fraction)
+        identities = [dataset_fingerprint(m, len(ix)) for m, ix in zip(metas, indexes)]
         fingerprint = {
-            "datasets": [f"{w:g}:{dataset_fingerprint(m, len(ix))}"
-                         for (w, d), m, ix in zip(spec.paths, metas, indexes)],
+            "datasets": [f"{w:g}:{f}" for (w, _), f in zip(spec.paths, identities)],
             "seq_length": spec.seq_length, "tokens_per_image": spec.n_query + 2,
             "max_images": spec.max_images, "seed": spec.seed, "lookahead": spec.lookahead,
             "image_first_prob": spec.image_first_prob}
-        self.plan = BlendedPlan(indexes, [w for w, _ in spec.paths], pack, fingerprint)
+        if spec.split != "all":
+            fingerprint.update(split=spec.split, valid_fraction=spec.valid_fraction)
+        self.plan = BlendedPlan(indexes, [w for w, _ in spec.paths], pack, fingerprint,
+                                salts=[int(f, 16) for f in identities])
         self.decoder = dec.resolve_decoder(spec.decoder)
         self._dali = None
         self.reader = SequenceReader(spec, indexes, metas, decode_here=self.decoder == "pil")
         self._state = self.plan.state_dict()
         self._sampler: Optional[_PlanSampler] = None
         self._iter = None
+        self.bad = bad.BadSampleMonitor(spec.max_consecutive_bad)
+
+    @property
+    def bad_samples(self) -> int:
+        """Bad samples skipped (or images blacked out) so far in the batches handed out."""
+        return self.bad.total + (self._dali.failed if self._dali is not None else 0)
 
     def _start(self) -> None:
         self.plan.load_state_dict(self._state)
@@ -239,6 +295,7 @@ class EmuDataLoader:
             self._start()
         raw = next(self._iter)
         self._state = self._sampler.states.popleft()
+        self.bad.update(raw["outcomes"])  # may raise BadDataError
         images = raw["images"]
         if not isinstance(images, torch.Tensor):
             images = self._decode_dali(images) if images else torch.empty(

@@ -29,16 +29,33 @@ class PackingSpec:
     lookahead: int = 16
     block: int = 65536
     seed: int = 0
+    # Held-out validation by document: "all" documents, or the "train" / "valid" side of a
+    # split that puts each document in "valid" with probability ``valid_fraction``.
+    split: str = "all"
+    valid_fraction: float = 0.0
+
+
+_MASK = (1 << 64) - 1
+
+
+def in_valid_split(doc: int, salt: int, fraction: float) -> bool:
+    """Whether document ``doc`` of the dataset with ``salt`` is held out for validation: a
+    splitmix64 hash of (doc, salt) below ``fraction`` of its range. Depends on the document and
+    the dataset's content only (not on the seed, the layout or the blend)."""
+    x = (doc + (salt * 0x9E3779B97F4A7C15)) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return (x ^ (x >> 31)) < fraction * 2.0**64
 
 
 class DocumentStream:
     """Packs one dataset's documents into sequences; ``next_sequence() -> [(epoch, doc)]``."""
 
-    def __init__(self, index: np.ndarray, dataset_id: int, spec: PackingSpec):
+    def __init__(self, index: np.ndarray, dataset_id: int, spec: PackingSpec, salt: int = 0):
         if len(index) == 0:
             raise ValueError(f"dataset {dataset_id} has no documents")
         self.n = len(index)
-        self.dataset_id, self.spec = dataset_id, spec
+        self.dataset_id, self.spec, self.salt = dataset_id, spec, salt
         images = np.minimum(np.asarray(index[:, sf.COL_IMAGES]), spec.max_images)
         length = sf.document_length(np.asarray(index[:, sf.COL_TEXT]), images, spec.tokens_per_image)
         self.length = np.minimum(length, spec.seq_length + 1).astype(np.int64)
@@ -69,11 +86,21 @@ class DocumentStream:
         return block * b + int(self._block_cache[inner_key][k % b])
 
     def _draw(self) -> tuple[int, int]:
-        if self.cursor >= self.n:
-            self.epoch, self.cursor = self.epoch + 1, 0
-        item = (self.epoch, self._doc_at(self.epoch, self.cursor))
-        self.cursor += 1
-        return item
+        """The next document of this stream's split in epoch order."""
+        since_hit = 0
+        while True:
+            if self.cursor >= self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+            item = (self.epoch, self._doc_at(self.epoch, self.cursor))
+            self.cursor += 1
+            if self.spec.split == "all" or \
+                    in_valid_split(item[1], self.salt, self.spec.valid_fraction) == (self.spec.split == "valid"):
+                return item
+            since_hit += 1
+            if since_hit > self.n:
+                raise ValueError(f"dataset {self.dataset_id}: no document falls in the {self.spec.split!r} "
+                                 f"side of data.valid_fraction={self.spec.valid_fraction} ({self.n} "
+                                 f"documents); change the fraction or give data.valid_path")
 
     # -- packing -------------------------------------------------------------------------
     def next_sequence(self) -> list[tuple[int, int]]:
@@ -106,12 +133,13 @@ class BlendedPlan:
     """Global sequence stream over weighted datasets: ``next() -> (dataset, [(epoch, doc)])``."""
 
     def __init__(self, indexes: list[np.ndarray], weights: list[float], spec: PackingSpec,
-                 fingerprint: dict):
+                 fingerprint: dict, salts: list[int] | None = None):
         if len(indexes) != len(weights) or not indexes or min(weights) <= 0:
             raise ValueError("data.path: one positive weight per dataset is required")
         total = float(sum(weights))
         self.weights = np.asarray(weights, dtype=np.float64) / total
-        self.streams = [DocumentStream(ix, i, spec) for i, ix in enumerate(indexes)]
+        salts = salts or [0] * len(indexes)
+        self.streams = [DocumentStream(ix, i, spec, salt) for i, (ix, salt) in enumerate(zip(indexes, salts))]
         self.counts = np.zeros(len(indexes), dtype=np.int64)
         self.index = 0  # global sequence index of the next sequence
         self.fingerprint = fingerprint

@@ -6,7 +6,8 @@ read them) and a random-access index::
     DIR/shard-000000.tar     one sample per document: KEY.json + KEY.0.jpg, KEY.1.jpg, ...
     DIR/shard-000000.json    that shard's stats and per-document index rows (written after the tar)
     DIR/index.npy            int64 [N, 6]: shard, byte offset, byte size, text tokens, images, kind
-    DIR/dataset.json         format version, image size, tokenizer fingerprint, shard names
+    DIR/dataset.json         format version, image size, tokenizer fingerprint, shard names;
+                             ``incomplete: reason`` while a run rewrites shards or after one failed
     DIR/summary.json         documents, images, text_tokens, shards, skipped{reason: count}
 
 ``KEY.json`` = ``{"kind": "pair"|"interleaved", "segments": [{"text": str, "ids": [int]} |
@@ -146,10 +147,15 @@ def load_index(directory: str | Path) -> tuple[dict, np.ndarray]:
     """``(dataset.json, index [N, 6] int64 memory-mapped)`` of a dataset directory."""
     directory = Path(directory)
     meta_file, index_file = directory / DATASET_FILE, directory / INDEX_FILE
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if not isinstance(meta, dict):
+        raise ShardFormatError(f"{meta_file}: not a JSON object")
+    if meta.get("incomplete"):
+        raise ShardFormatError(f"{directory} is an incomplete dataset ({meta['incomplete']}); finish it by "
+                               f"re-running the same `megatron-emu-data preprocess` command or array job")
     if not meta_file.is_file() or not index_file.is_file():
         raise ShardFormatError(f"{directory} is not a megatron_emu dataset (no {DATASET_FILE} or "
                                f"{INDEX_FILE}; make it with `megatron-emu-data preprocess`)")
-    meta = json.loads(meta_file.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ShardFormatError(f"{meta_file}: format_version {meta.get('format_version')} "
                                f"(this release reads {FORMAT_VERSION})")

@@ -3,7 +3,9 @@
 A tokenizer directory (written by ``megatron-emu-data tokenizer``) has the Hugging Face layout:
 ``tokenizer.model``, ``tokenizer_config.json``, ``special_tokens_map.json`` and
 ``added_tokens.json``. Special tokens keep the exact ids of ``special_tokens.py`` (``[PAD]`` 32000,
-``[IMG]`` 32001, ...); they are matched by id, never produced by SentencePiece from text.
+``[IMG]`` 32001, ...). Text never produces them: ``encode`` hands the whole string to
+SentencePiece, so a literal ``<image>`` or ``[IMG]`` in web text becomes ordinary pieces; only
+sequence assembly places the special ids (around real images).
 
 Only sentencepiece is imported here (no torch), so the data tools can use it.
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import sentencepiece as spm
@@ -54,8 +55,6 @@ class Emu2Tokenizer:
             raise TokenizerError(f"{added} disagrees with the Emu2 special-token ids: "
                                  f"wrong {dict(list(wrong.items())[:3])}, missing {missing[:3]}")
         self.id_to_special = {v: k for k, v in st.TOKEN_IDS.items() if v >= st.LLAMA_VOCAB_SIZE}
-        self._special_re = re.compile("(" + "|".join(re.escape(t) for t in sorted(
-            self.id_to_special.values(), key=len, reverse=True)) + ")")
 
     @property
     def vocab_size(self) -> int:
@@ -66,14 +65,11 @@ class Emu2Tokenizer:
         return hashlib.sha256((self.directory / MODEL_FILE).read_bytes()).hexdigest()
 
     def encode(self, text: str) -> list[int]:
-        """Ids of a text segment; special-token strings in it map to their ids."""
-        out: list[int] = []
-        for i, part in enumerate(self._special_re.split(text)):
-            if i % 2:
-                out.append(st.TOKEN_IDS[part])
-            elif part:
-                out.extend(self.sp.encode(part))
-        return out
+        """Ids of a text segment, all below 32000 and never ``<s>``/``</s>``: special-token
+        strings in the text (``<image>``, ``[IMG]``, ``<s>``, ...) are encoded as plain text.
+        Raises ``UnicodeEncodeError`` for text that is not valid Unicode (a lone surrogate)."""
+        text.encode("utf-8")  # sentencepiece would raise a less clear error
+        return self.sp.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         """Text of ids; special ids are rendered by name, ``<s>``/``</s>`` included."""

@@ -30,8 +30,9 @@ def _has_cuda() -> bool:
     return device.has_cuda()
 
 
-def load_model(ckpt: Optional[str] = None, hf: Optional[str] = None):
-    """``(model chunk, cfg, tokenizer dir or None)``; call inside an initialised process group."""
+def load_model(ckpt: Optional[str] = None, hf: Optional[str] = None, verify: bool = True):
+    """``(model chunk, cfg, tokenizer dir or None)``; call inside an initialised process group.
+    ``verify``: check the checkpoint's files against its ``checksums.json``."""
     from megatron_emu.config.io import from_dict
     from megatron_emu.model.builder import build_model_chunks
     from megatron_emu.parallel.groups import init_distributed, init_model_parallel
@@ -41,7 +42,7 @@ def load_model(ckpt: Optional[str] = None, hf: Optional[str] = None):
         from megatron_emu.training.checkpointing import read_meta
 
         path = resolve_checkpoint(ckpt)
-        cfg = _single_rank_config(from_dict(read_meta(path)["config"]))
+        cfg = _single_rank_config(from_dict(read_meta(path, verify)["config"]))
         tokenizer = cfg.data.tokenizer
     else:
         from megatron_emu.checkpoint.convert import config_from_hf
@@ -55,7 +56,7 @@ def load_model(ckpt: Optional[str] = None, hf: Optional[str] = None):
     if ckpt is not None:
         from megatron_emu.training.checkpointing import load_model_state
 
-        load_model_state(path, [model])
+        load_model_state(path, [model], verify)
     else:
         from megatron_emu.checkpoint.hf_mapping import Dims, from_hf
         from megatron_emu.checkpoint.safetensors_io import HFReader

@@ -26,9 +26,11 @@ from megatron.core.transformer.transformer_block import TransformerBlock, get_nu
 
 from megatron_emu.config import derived
 from megatron_emu.config.schema import EmuConfig
+from megatron_emu.contracts.batch import Emu2Batch, make_batch
 from megatron_emu.data import special_tokens
 from megatron_emu.model import multimodal, specs
 from megatron_emu.model.adapter import Adapter, pool_patches
+from megatron_emu.model.embedding import make_sync_free
 from megatron_emu.model.heads import Emu2Heads
 from megatron_emu.model.megatron_config import (
     lm_transformer_config,
@@ -78,7 +80,7 @@ class Emu2Model(MegatronModule):
         self.input_tensor: Optional[torch.Tensor] = None
         if pre_process:
             self.vision = VisionEncoder(vision_transformer_config(cfg), cfg.model.vision, impl,
-                                        pg_collection)
+                                        pg_collection, cfg.model.attention_backend)
             self.adapter = Adapter(with_overrides(lm_config, sequence_parallel=False),
                                    cfg.model.vision.width, lm.hidden_size, pg_collection)
             self.embedding = LanguageModelEmbedding(
@@ -86,6 +88,7 @@ class Emu2Model(MegatronModule):
                 max_sequence_length=lm.max_position_embeddings, position_embedding_type="rope",
                 scatter_to_sequence_parallel=False, tp_group=pg_collection.tp,
             )
+            make_sync_free(self.embedding.word_embeddings)
         self.rotary_pos_emb = RotaryEmbedding(
             kv_channels=lm_config.kv_channels, rotary_percent=1.0, rotary_interleaved=False,
             rotary_base=lm.rope_theta, use_cpu_initialization=True,
@@ -94,7 +97,7 @@ class Emu2Model(MegatronModule):
         n_layers = get_num_layers_to_build(lm_config, vp_stage=vp_stage, pp_rank=pp_rank)
         self.decoder = TransformerBlock(
             config=lm_config,
-            spec=specs.block_spec(specs.lm_layer_spec(impl), n_layers, impl, post_process),
+            spec=specs.block_spec(specs.lm_layer_spec(impl, cfg.model.attention_backend), n_layers, impl, post_process),
             post_layer_norm=True, pre_process=True, post_process=post_process,
             pg_collection=pg_collection, vp_stage=vp_stage,
         )
@@ -103,8 +106,6 @@ class Emu2Model(MegatronModule):
                                    cfg.model.vision.width, pg_collection,
                                    lm_ce_impl=cfg.model.loss.lm_ce_impl,
                                    regression_impl=cfg.model.loss.regression_impl)
-        ignore = [special_tokens.token_id(t) for t in cfg.model.loss.ce_ignore_tokens]
-        self.register_buffer("_ce_ignore", torch.tensor(ignore, dtype=torch.long), persistent=False)
 
     # -- pipeline plumbing -------------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -138,23 +139,22 @@ class Emu2Model(MegatronModule):
             feats = pool_patches(self.vision(images), self.cfg.model.adapter.n_query)
         return feats.reshape(-1, feats.shape[-1])
 
-    def _embed(self, batch: multimodal.Emu2Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed(self, batch: Emu2Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """First stage: ``[s(/tp), b, h]`` input embeddings and ``[N, width]`` visual features."""
-        tokens = batch.tokens
-        emb = self.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
+        emb = self.embedding(input_ids=batch.tokens, position_ids=None)  # [s, b, h]
         width = self.cfg.model.vision.width
-        if batch.images is not None and batch.images.shape[0] > 0:
+        if batch.num_images > 0:
             feats = self.encode_images(batch.images)
             visual = self.adapter(feats)
         else:
             feats = emb.new_zeros(0, width)
             visual = emb.new_zeros(0, emb.shape[-1])
-        emb = multimodal.scatter_image_embeddings(emb, tokens, visual, special_tokens.IMAGE_ID)
+        emb = multimodal.scatter_image_embeddings(emb, batch.image_rows, visual)
         if self.config.sequence_parallel:
             emb = scatter_to_sequence_parallel_region(emb, group=self.pg_collection.tp)
         return emb, feats
 
-    def forward(self, batch: multimodal.Emu2Batch):
+    def forward(self, batch: Emu2Batch):
         tail = None
         if self.pre_process:
             hidden, feats = self._embed(batch)
@@ -167,10 +167,10 @@ class Emu2Model(MegatronModule):
             if tail is None:
                 tail = self._pack_targets(feats, hidden.shape[1], hidden.shape[2], hidden.dtype)
             return torch.cat([hidden, tail], dim=0)  # intermediate stages pass the tail through
-        if tail is not None:
-            n_visual = int((batch.tokens == special_tokens.IMAGE_ID).sum())
+        if tail is not None:  # the capacity rows of the payload, zero past the real ones
             width = self.cfg.model.vision.width
-            feats = tail.reshape(-1)[: n_visual * width].reshape(n_visual, width)
+            flat = tail.reshape(-1)
+            feats = flat[: flat.numel() // width * width].view(-1, width)
         return self.losses(hidden, batch, feats.detach())
 
     @torch.no_grad()
@@ -179,21 +179,23 @@ class Emu2Model(MegatronModule):
         one per ``[IMG]``) -> next-token logits ``[b, s, vocab]`` (vocabulary padding trimmed)."""
         if not (self.pre_process and self.post_process) or self.config.sequence_parallel:
             raise RuntimeError("forward_logits needs the whole model on one rank (TP1, PP1, no SP)")
-        batch = multimodal.Emu2Batch(tokens=tokens, labels=tokens, loss_mask=torch.ones_like(tokens),
-                                     images=images)
+        batch = make_batch(tokens.cpu(), tokens.cpu(), torch.ones_like(tokens, device="cpu"), None,
+                           image_id=special_tokens.IMAGE_ID, ce_ignore_ids=())
+        batch = batch.to(tokens.device)
+        batch.images = images
         hidden, _ = self._embed(batch)
         hidden = self.decoder(hidden_states=hidden, attention_mask=None,
                               rotary_pos_emb=self.rotary_pos_emb(hidden.shape[0]))
         logits = self.heads.logits(hidden)  # [s, b, V_padded]
         return logits[..., : self.cfg.model.lm.vocab_size].transpose(0, 1).contiguous()
 
-    def losses(self, hidden: torch.Tensor, batch: multimodal.Emu2Batch,
-               targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Last stage: final hidden ``[s(/tp), b, h]`` -> scalar losses of the micro-batch."""
+    def losses(self, hidden: torch.Tensor, batch: Emu2Batch,
+               features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Last stage: final hidden ``[s(/tp), b, h]`` and the visual features ``[>=N, width]``
+        -> scalar losses of the micro-batch."""
         loss_cfg = self.cfg.model.loss
-        mask = multimodal.ce_mask(batch.labels, batch.loss_mask, self._ce_ignore)
-        lm_loss = self.heads.lm_loss(hidden, batch.labels, mask)
-        reg_mask, feature_index = multimodal.regression_targets(batch.tokens, special_tokens.IMAGE_ID)
-        reg_loss = self.heads.regression_loss(hidden, reg_mask, targets[feature_index])
+        lm_loss = self.heads.lm_loss(hidden, batch.labels, batch.ce_mask)
+        targets = features.index_select(0, batch.reg_features)  # [R, width]
+        reg_loss = self.heads.regression_loss(hidden, batch.reg_rows, targets)
         loss = loss_cfg.lm_weight * lm_loss + loss_cfg.reg_weight * reg_loss
         return {"loss": loss, "lm_loss": lm_loss.detach(), "reg_loss": reg_loss.detach()}

@@ -46,6 +46,7 @@ class Emu2Heads(MegatronModule):
         # loss equals that of the trimmed (Hugging Face) model.
         cols = torch.arange(rank * padded_vocab // tp, (rank + 1) * padded_vocab // tp)
         self.register_buffer("_vocab_pad", cols >= vocab_size, persistent=False)
+        self._has_padding = (rank + 1) * padded_vocab // tp > vocab_size  # plain ints (meta-safe)
         self.output_layer = ColumnParallelLinear(
             config.hidden_size, padded_vocab, config=config, init_method=config.init_method,
             bias=False, gather_output=False, tp_group=self.tp_group,
@@ -57,10 +58,13 @@ class Emu2Heads(MegatronModule):
         self.vision_width = vision_width
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden ``[s(/tp), b, h]`` -> fp32 vocab-parallel logits ``[s, b, V/tp]`` with the
-        padding columns at -inf (SP gathers the sequence inside ``output_layer``)."""
+        """hidden ``[s(/tp), b, h]`` -> vocab-parallel logits ``[s, b, V/tp]`` (the parameters'
+        dtype) with the padding columns at -inf, set in place: no copy of the logits (SP
+        gathers the sequence inside ``output_layer``)."""
         logits, _ = self.output_layer(hidden)
-        return logits.float().masked_fill(self._vocab_pad, float("-inf"))
+        if self._has_padding:
+            logits.masked_fill_(self._vocab_pad, float("-inf"))
+        return logits
 
     def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """hidden ``[s(/tp), b, h]``; labels, mask ``[b, s]`` -> mean CE over the mask."""
@@ -90,14 +94,14 @@ class Emu2Heads(MegatronModule):
             options=torch.nn.LinearCrossEntropyOptions())
         return ce_sum.float() / mask.sum().clamp(min=1)
 
-    def regression_loss(self, hidden: torch.Tensor, reg_mask: torch.Tensor,
+    def regression_loss(self, hidden: torch.Tensor, rows: torch.Tensor,
                         targets: torch.Tensor) -> torch.Tensor:
-        """hidden ``[s(/tp), b, h]``; reg_mask ``[b, s]`` bool; targets ``[R, width]`` (detached)
-        in row-major order of the mask -> mean squared error over R x width."""
+        """hidden ``[s(/tp), b, h]``; rows ``[R]`` of the gathered ``[s * b, h]`` view that are
+        regressed; targets ``[R, width]`` (detached) -> mean squared error over R x width."""
         if self.regression_impl == "fused":
-            return self._fused_regression(hidden, reg_mask, targets)
+            return self._fused_regression(hidden, rows, targets)
         pred, _ = self.project_down(hidden)  # [s, b, width/tp]
-        pred = pred.transpose(0, 1)[reg_mask].float()  # [R, width/tp]
+        pred = pred.reshape(-1, pred.shape[-1]).index_select(0, rows).float()  # [R, width/tp]
         tp = torch.distributed.get_world_size(self.tp_group)
         rank = torch.distributed.get_rank(self.tp_group)
         cols = self.vision_width // tp
@@ -107,7 +111,7 @@ class Emu2Heads(MegatronModule):
             sq = reduce_from_tensor_model_parallel_region(sq, self.tp_group)
         return sq / max(1, targets.shape[0] * self.vision_width)
 
-    def _fused_regression(self, hidden: torch.Tensor, reg_mask: torch.Tensor,
+    def _fused_regression(self, hidden: torch.Tensor, rows: torch.Tensor,
                           targets: torch.Tensor) -> torch.Tensor:
         """Chunked linear + MSE on the regressed rows. The hidden states enter the TP region as
         ColumnParallelLinear's input would (all-gathered under SP, copied otherwise), so the
@@ -121,7 +125,5 @@ class Emu2Heads(MegatronModule):
         elif tp > 1:
             hidden = copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)
         s, b, h = hidden.shape
-        batch_idx, pos = reg_mask.nonzero(as_tuple=True)  # row-major order of the mask
-        index = pos * b + batch_idx  # rows of hidden.reshape(s * b, h)
         return fused_linear_mse(hidden.reshape(s * b, h), self.project_down.weight, targets,
-                                index=index, tp_group=self.tp_group if tp > 1 else None)
+                                index=rows, tp_group=self.tp_group if tp > 1 else None)

@@ -12,10 +12,40 @@ from megatron_emu.config.schema import EmuConfig
 from megatron_emu.utils import device
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}  # ours -> megatron-core's Fp8Recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class Fusion:
+    on: bool
+    how: str  # what runs, in words, for the start-up summary
+
+
+def fusion_plan(impl: str, has_cuda: bool) -> dict[str, Fusion]:
+    """Which fused kernels the model uses, and why not where it does not (printed at start-up:
+    nothing falls back silently). On the CPU every op stays unfused, the exact reference path."""
+    te = impl == "transformer_engine"
+    if not has_cuda:
+        off = Fusion(False, "unfused (CPU: the exact reference path)")
+        return {k: off for k in ("bias_swiglu", "bias_gelu", "bias_dropout_add", "norms", "rope",
+                                 "grad_accumulation")}
+    return {
+        "bias_swiglu": Fusion(True, "megatron-core fused SwiGLU (LM MLP)"),
+        "bias_gelu": Fusion(True, "exact-GELU bias fusion (ViT MLP; megatron-core's fused "
+                                  "bias-GELU is the tanh approximation, which EVA does not use)"),
+        "bias_dropout_add": Fusion(True, "megatron-core fused bias-dropout-add"),
+        "norms": Fusion(True, "Transformer Engine fused norms" if te
+                        else "torch fused LayerNorm / RMSNorm kernels"),
+        "rope": Fusion(te, "Transformer Engine fused RoPE" if te
+                       else "unfused RoPE (megatron-core fuses it only through Transformer Engine)"),
+        "grad_accumulation": Fusion(False, "unfused weight-gradient accumulation (megatron-core's "
+                                           "local linears need apex's fused_weight_gradient_mlp_cuda)"),
+    }
 
 
 def _common(cfg: EmuConfig) -> dict:
     par, dtype = cfg.parallel, _DTYPES[cfg.model.params_dtype]
+    plan = fusion_plan(cfg.model.transformer_impl, device.has_cuda())
     recompute = cfg.train.recompute_granularity
     kwargs = dict(
         tensor_model_parallel_size=par.tensor_model_parallel_size,
@@ -32,12 +62,12 @@ def _common(cfg: EmuConfig) -> dict:
         hidden_dropout=0.0,
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,
-        # Fusions stay off: the local path must run on CPU; TE brings its own fused kernels.
-        bias_activation_fusion=False,
+        # Fusions: see ``fusion_plan`` (on where CUDA is present; the CPU keeps the exact path).
+        bias_activation_fusion=plan["bias_swiglu"].on,
         masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=plan["bias_dropout_add"].on,
+        apply_rope_fusion=plan["rope"].on,
+        gradient_accumulation_fusion=plan["grad_accumulation"].on,
         persist_layer_norm=False,
         batch_p2p_comm=par.batch_p2p_comm,
         overlap_p2p_comm=not par.batch_p2p_comm,
@@ -49,7 +79,7 @@ def _common(cfg: EmuConfig) -> dict:
         recompute_num_layers=1 if recompute == "full" else None,
     )
     if cfg.train.fp8:
-        kwargs.update(fp8=cfg.train.fp8, fp8_recipe="delayed")
+        kwargs.update(fp8=cfg.train.fp8, fp8_recipe=FP8_RECIPES[cfg.train.fp8_recipe])
     return kwargs
 
 
@@ -84,7 +114,10 @@ def vision_transformer_config(cfg: EmuConfig) -> TransformerConfig:
     """
     v = cfg.model.vision
     common = _common(cfg)
-    common.update(pipeline_model_parallel_size=1)
+    # The ViT's MLP fuses bias + exact GELU itself (``specs.VisionMLP``): megatron-core's fused
+    # bias-GELU is the tanh approximation.
+    plan = fusion_plan(cfg.model.transformer_impl, device.has_cuda())
+    common.update(pipeline_model_parallel_size=1, bias_activation_fusion=plan["bias_gelu"].on)
     return TransformerConfig(
         num_layers=v.num_layers,
         hidden_size=v.width,

@@ -76,11 +76,24 @@ class SPTorchNorm:
         return norm
 
 
-def _local_modules():
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+def core_attention(impl: str, backend: str) -> type:
+    """The core-attention module: TE's fused attention with the TE spec; on the local spec
+    torch SDPA (``auto``/``sdpa``) or megatron-core's unfused ``DotProductAttention``."""
+    if impl == "transformer_engine":
+        return _te_modules()[2]
+    if backend in ("auto", "sdpa"):
+        from megatron_emu.model.attention import SDPAttention
+
+        return SDPAttention
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    return ColumnParallelLinear, RowParallelLinear, DotProductAttention, SPTorchNorm
+    return DotProductAttention
+
+
+def _local_modules():
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    return ColumnParallelLinear, RowParallelLinear, None, SPTorchNorm
 
 
 def _te_modules():
@@ -155,17 +168,36 @@ class _KnownMLPFilter(logging.Filter):
 logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_KnownMLPFilter())
 
 
-class PostNormMLP(MLP):
-    """MLP followed by a norm of its output (EVA post-norm): ``(LN2(mlp(x) + b), None)``."""
+class VisionMLP(MLP):
+    """The ViT's MLP: with ``bias_activation_fusion`` it fuses bias + *exact* GELU itself
+    (``fused_gelu``; megatron-core's fusion is the tanh approximation); otherwise megatron-core's
+    MLP unchanged."""
 
-    def __init__(self, config: TransformerConfig, submodules, *args, post_norm=None,
-                 pg_collection=None, is_mtp_layer: bool = False, **kwargs):
+    def __init__(self, config: TransformerConfig, submodules, *args, pg_collection=None,
+                 is_mtp_layer: bool = False, **kwargs):
         # megatron-core >= 0.17 builds every layer's MLP with (pg_collection, is_mtp_layer, name);
         # 0.16 passes nothing for MLP subclasses. MLP itself takes the TP group.
         if pg_collection is not None:
             kwargs.setdefault("tp_group", pg_collection.tp)
         accepted = inspect.signature(MLP.__init__).parameters
         kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        super().__init__(config, submodules, *args, **kwargs)
+        self.fuse_exact_gelu = (config.bias_activation_fusion and config.add_bias_linear
+                                and not config.gated_linear_unit)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if not self.fuse_exact_gelu:
+            return super().forward(hidden_states, *args, **kwargs)
+        from megatron_emu.model.fused_gelu import bias_gelu_exact
+
+        intermediate, bias = self.linear_fc1(hidden_states)
+        return self.linear_fc2(bias_gelu_exact(intermediate, bias))
+
+
+class PostNormMLP(VisionMLP):
+    """MLP followed by a norm of its output (EVA post-norm): ``(LN2(mlp(x) + b), None)``."""
+
+    def __init__(self, config: TransformerConfig, submodules, *args, post_norm=None, **kwargs):
         super().__init__(config, submodules, *args, **kwargs)
         self.post_norm = post_norm(config, config.hidden_size, eps=config.layernorm_epsilon)
 
@@ -176,11 +208,13 @@ class PostNormMLP(MLP):
         return self.post_norm(out), None
 
 
-def vision_layer_spec(impl: str, qkv_bias: str, postnorm: bool, masked: bool) -> ModuleSpec:
+def vision_layer_spec(impl: str, qkv_bias: str, postnorm: bool, masked: bool,
+                      attention_backend: str = "auto") -> ModuleSpec:
     """EVA ViT block. ``masked``: a padding mask is passed (sequence padded for SP)."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-    column, row, attention, norm = _te_modules() if impl == "transformer_engine" else _local_modules()
+    column, row, _, norm = _te_modules() if impl == "transformer_engine" else _local_modules()
+    attention = core_attention(impl, attention_backend)
     qkv = qv_bias_linear(column) if qkv_bias == "qv" else column
     mask = AttnMaskType.padding if masked else AttnMaskType.no_mask
     attn_sub = SelfAttentionSubmodules(linear_qkv=qkv, core_attention=attention, linear_proj=row)
@@ -193,7 +227,7 @@ def vision_layer_spec(impl: str, qkv_bias: str, postnorm: bool, masked: bool) ->
     else:
         self_attention = ModuleSpec(module=SelfAttention, submodules=attn_sub,
                                     params={"attn_mask_type": mask})
-        mlp = ModuleSpec(module=MLP, submodules=mlp_sub)
+        mlp = ModuleSpec(module=VisionMLP, submodules=mlp_sub)
         pre_attn_norm = pre_mlp_norm = norm
     return ModuleSpec(
         module=TransformerLayer,
@@ -208,7 +242,7 @@ def vision_layer_spec(impl: str, qkv_bias: str, postnorm: bool, masked: bool) ->
     )
 
 
-def lm_layer_spec(impl: str) -> ModuleSpec:
+def lm_layer_spec(impl: str, attention_backend: str = "auto") -> ModuleSpec:
     """LLaMA layer: pre-norm RMSNorm, causal attention (RoPE applied by the block), SwiGLU."""
     if impl == "transformer_engine":
         _te_modules()
@@ -218,6 +252,7 @@ def lm_layer_spec(impl: str) -> ModuleSpec:
 
         return get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = core_attention(impl, attention_backend)
     spec.submodules.input_layernorm = SPTorchNorm
     spec.submodules.pre_mlp_layernorm = SPTorchNorm
     return spec

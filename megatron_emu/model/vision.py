@@ -30,6 +30,7 @@ class VisionEncoder(MegatronModule):
         vision: VisionConfig,
         impl: str,
         pg_collection: ProcessGroupCollection,
+        attention_backend: str = "auto",
     ):
         super().__init__(config=config)
         self.vision = vision
@@ -48,7 +49,7 @@ class VisionEncoder(MegatronModule):
         self.cls_token = torch.nn.Parameter(torch.randn(1, 1, vision.width, dtype=dtype) * std)
         self.pos_embed = torch.nn.Parameter(
             torch.randn(1, self.num_tokens, vision.width, dtype=dtype) * std)
-        layer = specs.vision_layer_spec(impl, vision.qkv_bias, vision.postnorm, masked)
+        layer = specs.vision_layer_spec(impl, vision.qkv_bias, vision.postnorm, masked, attention_backend)
         self.blocks = TransformerBlock(
             config=config,
             spec=specs.block_spec(layer, vision.num_layers, impl, with_final_norm=False),

@@ -13,18 +13,24 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_emu.config.schema import EmuConfig
+from megatron_emu.parallel.watchdog import watch_parent
 from megatron_emu.utils import device
 
 
-def init_distributed(timeout_s: int = 600) -> None:
-    """``torch.distributed`` from the launcher's environment (torchrun / srun / our tests)."""
+def init_distributed(timeout_s: float = 600.0) -> None:
+    """``torch.distributed`` from the launcher's environment (torchrun / srun / our tests);
+    every collective of the world group fails after ``timeout_s``. With more than one rank (or
+    under torchrun), the rank exits when its launcher dies (``watchdog.watch_parent``)."""
     if dist.is_initialized():
         return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
+        watch_parent()
     device.set_local_device()
     dist.init_process_group(
         backend=device.backend(),
         rank=int(os.environ.get("RANK", "0")),
-        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
 
@@ -37,6 +43,7 @@ def init_model_parallel(cfg: EmuConfig) -> ProcessGroupCollection:
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
+        distributed_timeout_minutes=par.collective_timeout_s / 60.0,  # megatron-core's default: 30
     )
     torch.manual_seed(cfg.train.seed)
     model_parallel_cuda_manual_seed(cfg.train.seed)

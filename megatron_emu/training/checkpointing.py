@@ -6,12 +6,19 @@ Layout under ``checkpoint.dir``::
                              (``fully_reshardable``: any TP/PP/DP on load), per-rank RNG
     iter_0000020/megatron_emu.json   iteration, consumed samples, scheduler, data-loader position,
                              skip counters, the layout and the resolved config (JSON, no pickle)
+    iter_0000020/checksums.json      CRC-32 of every file of the iteration (checkpoint/integrity.py)
     latest                   "iter_0000020": written last, atomically
+    .lock                    the job that writes here (training/dir_lock.py)
 
-A save goes to ``iter_NNNNNNN.tmp`` and is renamed into place after every rank has finished;
-``latest`` is replaced after that, so a job killed during a save leaves ``latest`` on the
-previous complete checkpoint (stale ``.tmp`` directories are removed at the next start).
-Tensors are read back with torch's ``weights_only`` loader; nothing here unpickles objects.
+A save goes to ``iter_NNNNNNN.tmp``; once every rank has written its files, each rank checksums
+(and fsyncs) the files it wrote, rank 0 writes the manifest, fsyncs the directory and renames
+it into place, then replaces ``latest`` (fsynced too). A job killed during a save leaves
+``latest`` on the previous complete checkpoint; stale ``.tmp`` directories are removed at the
+next start, by the job holding the directory's lock (so never under a live writer).
+Loading goes through ``checkpoint/mcore_load.py``: ``.metadata`` is unpickled by an allow-list
+unpickler, every other pickled file by ``torch.load(weights_only=True)``, and every file read is
+checked against ``checksums.json`` (``checkpoint.verify``). (Transformer Engine modules unpickle
+their own FP8 ``_extra_state`` when loaded: see docs/checkpoints.md.)
 """
 
 from __future__ import annotations
@@ -32,9 +39,13 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from megatron_emu.checkpoint import mcore_load
+from megatron_emu.checkpoint.integrity import Manifest
+from megatron_emu.checkpoint.safe_pickle import CheckpointFileError
+from megatron_emu.training import ckpt_publish
+from megatron_emu.training.ckpt_publish import LATEST, META_FILE
+
 log = logging.getLogger("megatron_emu.checkpoint")
-META_FILE = "megatron_emu.json"
-LATEST = "latest"
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -61,8 +72,14 @@ def resolve(path: str | Path) -> Optional[Path]:
     return None
 
 
-def read_meta(ckpt: Path) -> dict:
-    return json.loads((ckpt / META_FILE).read_text())
+def read_meta(ckpt: Path, verify: bool = True) -> dict:
+    """``megatron_emu.json`` of a checkpoint (checked against its ``checksums.json``)."""
+    data = Manifest(ckpt, verify=verify).read_bytes(META_FILE)
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise CheckpointFileError(f"{ckpt / META_FILE}: not valid JSON; restore it from a copy or resume "
+                                  f"from an earlier iteration") from None
 
 
 # Architecture fields that must match for weights to load (shapes), by dotted name.
@@ -127,7 +144,8 @@ def _barrier() -> None:
 
 
 def cleanup_partial(directory: str | Path) -> None:
-    """Rank 0: remove ``*.tmp`` leftovers of interrupted saves."""
+    """Rank 0: remove ``*.tmp`` leftovers of interrupted saves. Call it only while holding the
+    directory's lock (``dir_lock.DirLock``): then no live job is writing them."""
     directory = Path(directory)
     if torch.distributed.get_rank() == 0 and directory.is_dir():
         for tmp in directory.glob("iter_*.tmp"):
@@ -136,15 +154,28 @@ def cleanup_partial(directory: str | Path) -> None:
     _barrier()
 
 
+def _check_lock(lock) -> None:
+    """All ranks: stop if rank 0's lock on the directory was taken over by another job."""
+    from megatron_emu.utils import device
+
+    lost = lock.lost_reason() if lock is not None and torch.distributed.get_rank() == 0 else None
+    flag = torch.tensor([1.0 if lost else 0.0], device=device.device())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item():
+        raise CheckpointError(lost or "rank 0 lost the checkpoint.dir lock (see its log); not saving")
+
+
 def save(directory: str | Path, model: list, optimizer, pgs, meta: dict, keep_last: int,
-         async_queue=None) -> Path:
+         async_queue=None, lock=None) -> Path:
     """Write ``iter_NNNNNNN`` atomically and point ``latest`` at it (all ranks call this).
 
     With ``async_queue`` (megatron-core's ``AsyncCallsQueue``, GPU only) the tensors are copied
-    to host memory now and written in the background; publishing (rename + ``latest``) runs in
-    the queue's finalisation once every rank has finished writing.
+    to host memory now and written in the background; publishing (checksums, fsync, rename,
+    ``latest``) runs in the queue's finalisation once every rank has finished writing. With
+    ``lock`` (the job's ``DirLock``), a job that lost its lock to another one stops instead.
     """
     directory = Path(directory)
+    _check_lock(lock)
     name = iter_name(meta["iteration"])
     tmp = directory / f"{name}.tmp"
     if torch.distributed.get_rank() == 0:
@@ -152,7 +183,8 @@ def save(directory: str | Path, model: list, optimizer, pgs, meta: dict, keep_la
         tmp.mkdir(parents=True)
     _barrier()
     state = _sharded(model, optimizer, pgs, with_optimizer=True, with_rng=True, loading=False)
-    publish = functools.partial(_publish, directory, name, json.dumps(meta, indent=1) + "\n", keep_last)
+    publish = functools.partial(ckpt_publish.publish, directory, name, json.dumps(meta, indent=1) + "\n",
+                                keep_last)
     if async_queue is not None:
         request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True, **_ASYNC_KW)
         request.finalize_fns.append(publish)
@@ -165,21 +197,6 @@ def save(directory: str | Path, model: list, optimizer, pgs, meta: dict, keep_la
     return directory / name
 
 
-def _publish(directory: Path, name: str, meta_text: str, keep_last: int) -> None:
-    """Rank 0: meta file, rename ``.tmp`` into place, then ``latest``; every rank waits."""
-    if torch.distributed.get_rank() == 0:
-        final, tmp = directory / name, directory / f"{name}.tmp"
-        (tmp / META_FILE).write_text(meta_text)
-        if final.exists():  # re-saving the same iteration (e.g. after a crash before `latest`)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = directory / f".{LATEST}.tmp"
-        pointer.write_text(name + "\n")
-        os.replace(pointer, directory / LATEST)
-        _prune(directory, keep_last, keep=name)
-    _barrier()
-
-
 def _fault_injection(iteration: int) -> None:
     """Drill for crash consistency: ``MEGATRON_EMU_KILL_DURING_SAVE=N`` SIGKILLs every rank
     after the data of iteration N is written but before it is published (tests use it)."""
@@ -189,19 +206,12 @@ def _fault_injection(iteration: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _prune(directory: Path, keep_last: int, keep: str) -> None:
-    done = sorted(p for p in directory.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep_last]:
-        if old.name != keep:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def load_full(ckpt: Path, model: list, optimizer, pgs, layout: dict) -> dict:
+def load_full(ckpt: Path, model: list, optimizer, pgs, layout: dict, verify: bool = True) -> dict:
     """Restore model, optimizer and (same layout only) RNG; returns the checkpoint's meta."""
-    meta = read_meta(ckpt)
+    meta = read_meta(ckpt, verify)
     same_layout = meta.get("layout") == layout
     request = _sharded(model, optimizer, pgs, with_optimizer=True, with_rng=same_layout, loading=True)
-    state = dist_checkpointing.load(request, str(ckpt))
+    state = mcore_load.load(request, ckpt, verify=verify)
     _load_model(model, state)
     optimizer.load_state_dict(state["optimizer"])
     if same_layout:
@@ -212,23 +222,23 @@ def load_full(ckpt: Path, model: list, optimizer, pgs, layout: dict) -> dict:
     return meta
 
 
-def load_weights(ckpt: Path, model: list, optimizer) -> dict:
+def load_weights(ckpt: Path, model: list, optimizer, verify: bool = True) -> dict:
     """Model weights only (``checkpoint.load``): no optimizer, scheduler, RNG or data position."""
-    meta = read_meta(ckpt)
-    load_model_state(ckpt, model)
+    meta = read_meta(ckpt, verify)
+    load_model_state(ckpt, model, verify)
     # bf16 models keep fp32 main parameters in the optimizer: refresh them from the loaded weights.
     optimizer.reload_model_params()
     return meta
 
 
-def load_model_state(ckpt: str | Path, model: list) -> None:
+def load_model_state(ckpt: str | Path, model: list, verify: bool = True) -> None:
     """The model tensors of ``ckpt`` into ``model``'s chunks (any layout). Converted checkpoints
     (and those of another ``transformer_impl``) may lack some modules' ``_extra_state`` (e.g.
     Transformer Engine's FP8 scaling state, which then starts fresh); any other absent tensor
     is an error."""
     chunks = [m.module if hasattr(m, "module") else m for m in model]
     request = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-    state, _, absent = dist_checkpointing.load(request, str(ckpt), strict=StrictHandling.RETURN_UNEXPECTED)
+    state, _, absent = mcore_load.load(request, ckpt, verify=verify, strict=StrictHandling.RETURN_UNEXPECTED)
     wanted = sorted(k for k in absent if not k.endswith("_extra_state"))
     problem = f"{ckpt} lacks {len(wanted)} model tensor(s) this model needs, e.g. {wanted[:3]}" if wanted else ""
     if not problem:

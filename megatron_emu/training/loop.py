@@ -9,29 +9,34 @@ checkpoints, and the stop checks (signals, wall-clock budget).
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from megatron_emu.config import derived
 from megatron_emu.config.io import dump_config
 from megatron_emu.config.schema import EmuConfig
-from megatron_emu.data import special_tokens as st
+from megatron_emu.data.bad_samples import BadDataError
+from megatron_emu.data.batch_source import BatchSource, cpu_tp_groups, stage_fields
 from megatron_emu.data.loader import EmuDataLoader, LoaderSpec
 from megatron_emu.model.builder import build_model_chunks
+from megatron_emu.model.megatron_config import fusion_plan
 from megatron_emu.parallel.groups import destroy, init_distributed, init_model_parallel
 from megatron_emu.training import checkpointing as ckpt
-from megatron_emu.training import exit_status
+from megatron_emu.training import dir_lock, exit_status
+from megatron_emu.training.evaluate import Evaluator, validation_due
 from megatron_emu.training.flops import step_flops
 from megatron_emu.training.metrics import MetricsWriter
 from megatron_emu.training.optimizer import build_optimizer
 from megatron_emu.training.schedule import forward_backward, wrap_ddp, zero_grads
 from megatron_emu.training.signals import StopRequest
+from megatron_emu.training.update import apply_update
 from megatron_emu.utils import device
 from megatron_emu.utils.stop_signals import StopSignals
 
@@ -65,9 +70,9 @@ def _layout(cfg: EmuConfig, dp: int) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: EmuConfig, signals: StopSignals | None = None):
-        self.cfg = cfg
-        init_distributed()
+    def __init__(self, cfg: EmuConfig, lock: dir_lock.DirLock | None = None, signals: StopSignals | None = None):
+        self.cfg, self.lock = cfg, lock
+        init_distributed(cfg.parallel.collective_timeout_s)
         self.rank = torch.distributed.get_rank()
         _setup_logging(self.rank)
         self.pgs = init_model_parallel(cfg)
@@ -83,13 +88,13 @@ class Trainer:
         chunks = build_model_chunks(cfg, self.pgs)
         self.model = wrap_ddp(cfg, chunks, self.pgs)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.pgs)
-        spec = LoaderSpec.from_config(cfg, self.dp_rank, self.dp, decode_images=self.pp_rank == 0)
-        try:
-            self.loader = EmuDataLoader(spec)
-        except ValueError as e:  # bad dataset directory, image size, decoder choice
-            raise TrainingError(f"data: {e}") from None
+        self.source = self._batch_source()
+        self.evaluator = self._evaluator()
         self.progress = Progress()
-        self.metrics = MetricsWriter(cfg.run.dir, enabled=self.rank == 0, log_interval=cfg.run.log_interval)
+        self.metrics = MetricsWriter(cfg.run.dir, enabled=self.rank == 0, log_interval=cfg.run.log_interval,
+                                     sinks=self._sinks())
+        self.started = time.monotonic()
+        self._mean_step_s: Optional[float] = None
         self.stop = StopRequest(cfg.train.exit_duration_mins, signals)
         self.async_queue = None
         if cfg.checkpoint.async_save:
@@ -99,6 +104,62 @@ class Trainer:
             self.async_queue = AsyncCallsQueue()
 
     # -- startup ---------------------------------------------------------------------------
+    def _batch_source(self, validation: bool = False) -> BatchSource:
+        """One loader per TP group (on its first rank) for the stages that need data: the
+        training data, or the validation data from its start."""
+        fields = stage_fields(self.pp_rank == 0, self.pp_last)
+        tp_ranks = torch.distributed.get_process_group_ranks(self.pgs.tp)
+        loader = None
+        spec = LoaderSpec.from_config(self.cfg, self.dp_rank, self.dp, decode_images=self.pp_rank == 0,
+                                      validation=validation)
+        if fields and torch.distributed.get_rank() == tp_ranks[0]:
+            try:
+                loader = EmuDataLoader(spec)
+            except ValueError as e:  # bad dataset directory, image size, decoder choice
+                raise TrainingError(f"data{' (validation)' if validation else ''}: {e}") from None
+        if not hasattr(self, "_cpu_tp_group"):
+            self._cpu_tp_group = cpu_tp_groups(self.pgs.tp)  # a collective: made once
+        return BatchSource(loader, spec.ce_ignore_ids, fields, cpu_group=self._cpu_tp_group,
+                           device_group=self.pgs.tp, src=tp_ranks[0], pin=device.has_cuda())
+
+    def _sinks(self) -> tuple:
+        wb = self.cfg.run.wandb
+        if wb is None or self.rank != 0:
+            return ()
+        from megatron_emu.training.wandb_sink import WandbSink
+
+        try:
+            return (WandbSink(wb.project, wb.name, wb.mode, self.cfg.run.dir, _config_dict(self.cfg)),)
+        except RuntimeError as e:
+            raise TrainingError(str(e)) from None
+
+    def _eta(self, step_s: float) -> float:
+        """Seconds to train_iters from a running mean of the step time (the first step, with
+        its start-up work, only seeds it)."""
+        m = self._mean_step_s
+        self._mean_step_s = step_s if m is None else 0.9 * m + 0.1 * step_s
+        return self._mean_step_s * (self.cfg.train.train_iters - self.progress.iteration)
+
+    def _evaluator(self) -> Optional[Evaluator]:
+        d = self.cfg.data
+        if not (d.valid_path or d.valid_fraction):
+            return None
+        run = functools.partial(forward_backward, self.cfg, self.model, dev=self.dev, dtype=self.dtype,
+                                forward_only=True)
+        return Evaluator(self.model, functools.partial(self._batch_source, validation=True),
+                         self.num_micro, self.cfg.train.eval_iters, run, self._reduce_losses)
+
+    def validate(self) -> None:
+        """Validation losses at this iteration: logged, metrics.jsonl and TensorBoard."""
+        if self.evaluator is None:
+            return
+        t0 = time.perf_counter()
+        result = self.evaluator.evaluate()
+        self.metrics.write_validation({"step": self.progress.iteration, **result})
+        log.info("validation at step %d: loss %.4f | lm %.4f (ppl %.2f) | reg %.4f | %.1f s",
+                 self.progress.iteration, result["valid_loss"], result["valid_lm_loss"],
+                 result["valid_ppl"], result["valid_reg_loss"], time.perf_counter() - t0)
+
     def _summary(self) -> None:
         if self.rank != 0:
             return
@@ -111,6 +172,13 @@ class Trainer:
                  f" (virtual PP {self.layout['vpp']})" if self.layout["vpp"] else "", self.num_micro,
                  self.cfg.train.micro_batch_size, self.dev)
         log.info("model plan:\n%s", format_plan(plan(self.cfg, self.dp)))
+        model = self.cfg.model
+        attention = ("Transformer Engine fused attention" if model.transformer_impl == "transformer_engine"
+                     else {"auto": "torch SDPA", "sdpa": "torch SDPA",
+                           "unfused": "megatron-core unfused DotProductAttention"}[model.attention_backend])
+        kernels = fusion_plan(model.transformer_impl, device.has_cuda())
+        log.info("kernels: attention: %s; %s", attention,
+                 "; ".join(f"{name}: {f.how}" for name, f in kernels.items()))
 
     def resume_or_init(self) -> None:
         ck = self.cfg.checkpoint
@@ -118,11 +186,11 @@ class Trainer:
             ckpt.cleanup_partial(ck.dir)
             found = ckpt.resolve(ck.dir)
             if found is not None:
-                meta = ckpt.read_meta(found)
+                meta = ckpt.read_meta(found, ck.verify)
                 ckpt.check_model_matches(meta, self.cfg, found)
-                ckpt.load_full(found, self.model, self.optimizer, self.pgs, self.layout)
+                ckpt.load_full(found, self.model, self.optimizer, self.pgs, self.layout, ck.verify)
                 self.scheduler.load_state_dict(meta["scheduler"])
-                self.loader.load_state_dict(meta["data"])
+                self.source.load_state_dict(meta["data"])
                 self.progress.__dict__.update(Progress(**meta["progress"]).__dict__)
                 self.metrics.resume_at(self.progress.iteration)
                 log.info("resumed from %s: iteration %d, %d samples consumed", found,
@@ -132,46 +200,43 @@ class Trainer:
             found = ckpt.resolve(ck.load)
             if found is None:
                 raise TrainingError(f"checkpoint.load: no checkpoint at {ck.load}")
-            ckpt.check_model_matches(ckpt.read_meta(found), self.cfg, found)
-            ckpt.load_weights(found, self.model, self.optimizer)
+            ckpt.check_model_matches(ckpt.read_meta(found, ck.verify), self.cfg, found)
+            ckpt.load_weights(found, self.model, self.optimizer, ck.verify)
             log.info("initialised weights from %s (optimizer, schedule and data start fresh)", found)
 
     # -- one step --------------------------------------------------------------------------
     def _microbatches(self) -> tuple[list, int]:
-        batches, images = [], 0
-        for _ in range(self.num_micro):
-            b = next(self.loader)
-            images += int((b.tokens == st.IMG_ID).sum())
-            batches.append(b.to_model(self.dev, self.dtype))
-        return batches, images
+        """The step's micro-batches as host tensors (each is copied to the device just before
+        its forward) and the number of images among them."""
+        batches = [next(self.source) for _ in range(self.num_micro)]
+        return batches, sum(b.num_images for b in batches if b is not None)
 
-    def _reduce_losses(self, reports: list[dict]) -> list[float]:
-        """Mean loss, lm_loss, reg_loss of the global batch, on every rank."""
+    def _reduce_losses(self, reports: list[dict]) -> torch.Tensor:
+        """``[3]`` float64 device tensor: mean loss, lm_loss, reg_loss of the global batch, on
+        every rank (no host sync)."""
         vals = torch.zeros(3, dtype=torch.float64, device=self.dev)
         if reports:
-            for i, k in enumerate(("loss", "lm_loss", "reg_loss")):
-                vals[i] = torch.stack([r[k].double() for r in reports]).mean()
+            vals = torch.stack([torch.stack([r[k].double() for r in reports]).mean()
+                                for k in ("loss", "lm_loss", "reg_loss")])
         torch.distributed.all_reduce(vals, group=self.pgs.pp)  # only the last stage has them
         torch.distributed.all_reduce(vals, group=self.pgs.dp)
-        return (vals / self.dp).tolist()
+        return vals / self.dp
 
     def step(self) -> dict:
         cfg, p = self.cfg, self.progress
         t0 = time.perf_counter()
+        bad_before = self.source.bad_samples
         batches, images = self._microbatches()
+        data_wait = time.perf_counter() - t0  # the loader is host work: wall time is the wait
+        bad = self.source.bad_samples - bad_before
         zero_grads(self.model)
         self.optimizer.zero_grad()
         poison = (p.iteration + 1) in cfg.train.inject_nan_iterations
-        reports = forward_backward(cfg, self.model, batches, poison=poison)
-        loss, lm_loss, reg_loss = self._reduce_losses(reports)
-        self.optimizer.prepare_grads()
-        grad_norm = float(self.optimizer.get_grad_norm())
-        ok = all(math.isfinite(v) for v in (loss, lm_loss, reg_loss, grad_norm))
+        reports = forward_backward(cfg, self.model, batches, self.dev, self.dtype, poison=poison)
+        losses = self._reduce_losses(reports)
+        ok, (loss, lm_loss, reg_loss, grad_norm) = apply_update(
+            self.optimizer, self.scheduler, cfg.train.clip_grad, losses, self.dev)
         if ok:
-            # The schedule counts updates: update k (1-based) uses lr(k), so warmup starts above 0.
-            self.scheduler.step(increment=1)
-            self.optimizer.clip_grad_norm(cfg.train.clip_grad)
-            self.optimizer.step_with_ready_grads()
             p.consecutive_skips = 0
         else:
             p.skipped_total += 1
@@ -181,8 +246,9 @@ class Trainer:
         dt = time.perf_counter() - t0
         p.iteration += 1
         p.consumed_samples += cfg.train.global_batch_size
-        n_img = torch.tensor([images], dtype=torch.float64, device=self.dev)
+        n_img = torch.tensor([images, bad], dtype=torch.float64, device=self.dev)
         torch.distributed.all_reduce(n_img, group=self.pgs.dp)
+        n_img, n_bad = n_img[:1], int(n_img[1].item())
         world = torch.distributed.get_world_size()
         flops = step_flops(cfg, cfg.train.global_batch_size, int(n_img.item()))
         tflops = flops / dt / world / 1e12
@@ -194,7 +260,10 @@ class Trainer:
             "tokens_per_s": cfg.train.global_batch_size * cfg.train.seq_length / dt,
             "images_per_s": n_img.item() / dt, "tflops_per_gpu": tflops,
             "mfu": None if peak is None else tflops / peak, "memory_gib": _memory_gib(),
-            "step_time_s": dt, "skipped": not ok, "skipped_total": p.skipped_total,
+            "step_time_s": dt, "data_wait_s": data_wait, "skipped": not ok,
+            "elapsed_s": time.monotonic() - self.started, "eta_s": self._eta(dt),
+            "skipped_total": p.skipped_total,
+            "bad_samples": n_bad,  # skipped by the loader this step, all DP ranks
         }
         self.metrics.write(record)
         if p.consecutive_skips >= cfg.train.max_consecutive_skips:
@@ -214,11 +283,11 @@ class Trainer:
             raise TrainingError("the model has non-finite parameters; refusing to checkpoint it")
         meta = {"iteration": self.progress.iteration, "progress": asdict(self.progress),
                 "consumed_samples": self.progress.consumed_samples,
-                "scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "data": self.source.state_dict(),
                 "layout": self.layout, "config": _config_dict(cfg)}
         t0 = time.perf_counter()
         path = ckpt.save(cfg.checkpoint.dir, self.model, self.optimizer, self.pgs, meta,
-                         cfg.checkpoint.keep_last, async_queue=self.async_queue)
+                         cfg.checkpoint.keep_last, async_queue=self.async_queue, lock=self.lock)
         log.info("%s checkpoint %s (%.1f s)", "scheduled" if self.async_queue else "saved", path,
                  time.perf_counter() - t0)
 
@@ -239,8 +308,11 @@ class Trainer:
             if not reason and cfg.train.exit_interval and p.iteration % cfg.train.exit_interval == 0 \
                     and p.iteration < cfg.train.train_iters:
                 reason = f"train.exit_interval ({cfg.train.exit_interval}) reached"
+            finished = p.iteration == cfg.train.train_iters
+            if validation_due(p.iteration, cfg.train.eval_interval, finished, bool(reason)):
+                self.validate()
             due = p.iteration % cfg.checkpoint.save_interval == 0
-            last = p.iteration == cfg.train.train_iters and cfg.checkpoint.save_at_end
+            last = finished and cfg.checkpoint.save_at_end
             if due or last or reason:
                 self.save()
                 saved_at = p.iteration
@@ -269,7 +341,7 @@ class Trainer:
             self.async_queue.maybe_finalize_async_calls(blocking=True)
             self.async_queue.close()
         self.metrics.close()
-        self.loader.close()
+        self.source.close()
         self.stop.restore()
 
 
@@ -291,11 +363,18 @@ def _memory_gib() -> float | None:
 def train(cfg: EmuConfig, signals: StopSignals | None = None) -> int:
     """Run the job on this rank; returns the exit code. Every failure leaves
     ``run.dir/exit_status.json`` with its reason (unexpected errors are then re-raised)."""
-    trainer = None
+    trainer = lock = None
     try:
-        trainer = Trainer(cfg, signals)
+        init_distributed(cfg.parallel.collective_timeout_s)
+        _setup_logging(torch.distributed.get_rank())
+        if cfg.checkpoint.dir:  # before anything is written: one job per checkpoint.dir
+            lock = dir_lock.acquire(cfg.checkpoint.dir)
+        trainer = Trainer(cfg, lock, signals)
         return trainer.run()
-    except (TrainingError, ckpt.CheckpointError) as e:
+    except dir_lock.DirLockError as e:  # run.dir belongs to the job that holds the lock
+        log.error("%s", e)
+        return 1
+    except (TrainingError, ckpt.CheckpointError, ckpt.CheckpointFileError, BadDataError) as e:
         log.error("%s", e)
         _record_failure(cfg, trainer, str(e))
         return 1
@@ -305,6 +384,8 @@ def train(cfg: EmuConfig, signals: StopSignals | None = None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+        if lock is not None:
+            lock.release()
         destroy()
 
 

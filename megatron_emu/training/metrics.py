@@ -12,14 +12,17 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from megatron_emu.utils import units
+
 log = logging.getLogger("megatron_emu.train")
 
 
 class MetricsWriter:
     """Appends one JSON object per optimizer step; mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, log_interval: int = 1):
-        self.enabled, self.log_interval = enabled, max(1, log_interval)
+    def __init__(self, run_dir: str | Path, enabled: bool, log_interval: int = 1, sinks: tuple = ()):
+        """``sinks``: more destinations with ``log(record, prefix)`` and ``close()`` (W&B)."""
+        self.enabled, self.log_interval, self.sinks = enabled, max(1, log_interval), sinks
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = None
         self._tb = None
@@ -78,10 +81,29 @@ class MetricsWriter:
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) \
                         and math.isfinite(float(v)):
                     self._tb.add_scalar(f"train/{k}", v, step)
+        for sink in self.sinks:
+            sink.log(record, "train")
         if record["step"] % self.log_interval == 0 or record.get("skipped"):
             log.info(format_line(record))
 
+    def write_validation(self, record: dict) -> None:
+        """A validation record ``{"step", "valid_loss", "valid_lm_loss", "valid_reg_loss",
+        "valid_ppl"}``: a line of metrics.jsonl (no ``loss`` key: training records have one),
+        TensorBoard under ``valid/``."""
+        if not self.enabled:
+            return
+        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, float) and math.isfinite(v):
+                    self._tb.add_scalar(f"valid/{k.removeprefix('valid_')}", v, record["step"])
+        for sink in self.sinks:
+            sink.log({k.removeprefix("valid_") if k != "step" else k: v for k, v in record.items()}, "valid")
+
     def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
@@ -102,8 +124,12 @@ def format_line(r: dict) -> str:
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
     if mem is not None:
-        parts.append(f"mem {mem:.1f} GiB")
+        parts.append(f"mem {units.size_gib(mem)}")
     parts.append(f"{r['step_time_s']:.2f} s/step")
+    if r.get("elapsed_s") is not None:
+        parts.append(f"elapsed {units.duration(r['elapsed_s'])}")
+    if r.get("eta_s") is not None and r["step"] < r["train_iters"]:
+        parts.append(f"ETA {units.duration(r['eta_s'])}")
     if r.get("skipped"):
         parts.append("SKIPPED (non-finite loss or gradient)")
     return " | ".join(parts)

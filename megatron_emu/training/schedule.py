@@ -5,7 +5,7 @@ megatron-core's DDP (and distributed-optimizer grad buffers)."""
 from __future__ import annotations
 
 import functools
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -15,8 +15,8 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_emu.config.schema import EmuConfig
 from megatron_emu.model.emu2 import Emu2Model, p2p_seq_length
-from megatron_emu.model.multimodal import Emu2Batch
-from megatron_emu.utils import device
+from megatron_emu.contracts.batch import Emu2Batch
+from megatron_emu.data.decode import normalize
 
 
 def wrap_ddp(cfg: EmuConfig, chunks: list[Emu2Model], pgs: ProcessGroupCollection) -> list[DistributedDataParallel]:
@@ -49,25 +49,26 @@ def _loss_func(output: dict[str, torch.Tensor], poison: bool = False):
     return loss, report
 
 
-def forward_step(data_iterator, model, poison: bool = False):
-    """megatron-core forward-step contract: ``(output, loss_func)``."""
-    batch: Emu2Batch = next(data_iterator)
-    dev = device.device()
-    batch = Emu2Batch(
-        tokens=batch.tokens.to(dev), labels=batch.labels.to(dev), loss_mask=batch.loss_mask.to(dev),
-        images=None if batch.images is None else batch.images.to(dev),
-    )
+def forward_step(data_iterator, model, dev: torch.device, dtype: torch.dtype, poison: bool = False):
+    """megatron-core forward-step contract: ``(output, loss_func)``. The host micro-batch is
+    copied to the device here, just before its forward (``non_blocking`` from pinned memory),
+    and its pixels normalised there."""
+    batch: Optional[Emu2Batch] = next(data_iterator)
+    if batch is not None:
+        batch = batch.to(dev, dtype, normalize=normalize)
     return model(batch), functools.partial(_loss_func, poison=poison)
 
 
-def forward_backward(cfg: EmuConfig, model: list[torch.nn.Module], microbatches: list[Emu2Batch],
-                     forward_only: bool = False, poison: bool = False) -> list[dict[str, torch.Tensor]]:
-    """Run the schedule over this rank's micro-batches; returns the per-micro-batch loss
-    reports on the last pipeline stage (an empty list elsewhere)."""
+def forward_backward(cfg: EmuConfig, model: list[torch.nn.Module], microbatches: list[Optional[Emu2Batch]],
+                     dev: torch.device, dtype: torch.dtype, forward_only: bool = False,
+                     poison: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Run the schedule over this rank's micro-batches (host ``Emu2Batch``es, ``None`` on
+    stages that need no data); returns the per-micro-batch loss reports on the last pipeline
+    stage (an empty list elsewhere)."""
     iterators: list[Iterable] | Iterable = [iter(microbatches) for _ in model]
     fwd_bwd = get_forward_backward_func()
     return fwd_bwd(
-        forward_step_func=functools.partial(forward_step, poison=poison),
+        forward_step_func=functools.partial(forward_step, dev=dev, dtype=dtype, poison=poison),
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model,
         num_microbatches=len(microbatches),

@@ -21,23 +21,26 @@ from tests.helpers.tiny import TINY, ref_config, tiny_config
 TOKENS = [1, 319, 15373, 310, 263, 5434, 29871, 3186, 727, 2]
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
+def _save_llama(out: Path, layers: int, kv_heads: int) -> Path:
     """A small random transformers LLaMA with the Emu2 vocabulary, saved as safetensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=st.EMU2_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=st.PAD_ID)
+    config = LlamaConfig(vocab_size=st.EMU2_VOCAB_SIZE, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
+                         max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=st.PAD_ID)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)  # larger than the default init, so logits are decisive
-    out = tmp_path_factory.mktemp("llama") / "llama"
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return _save_llama(tmp_path_factory.mktemp("llama") / "llama", layers=4, kv_heads=4)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +82,40 @@ def test_lm_only_out_loads_in_transformers_and_agrees(llama_dir, from_llama, tmp
     torch.testing.assert_close(b["logits"], a["logits"], rtol=0, atol=0)
     assert b["greedy"] == a["greedy"]
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+@pytest.fixture(scope="module")
+def gqa_llama(tmp_path_factory):
+    """A LLaMA with grouped-query attention (4 query heads share 2 key/value heads) and its
+    transformers logits and greedy tokens."""
+    path = _save_llama(tmp_path_factory.mktemp("llama_gqa") / "llama", layers=2, kv_heads=2)
+    return path, llama_logits_and_greedy(path, TOKENS, 8)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_gqa_llama_in_and_out_agrees_with_transformers(gqa_llama, tokenizer_dir, tmp_path, tp):
+    """hf-to-mcore at TP1 and TP2 (one key/value head per rank) -> our logits and greedy tokens
+    equal transformers'; mcore-to-hf gives back the same tensors and ``num_key_value_heads``."""
+    from safetensors.torch import load_file
+
+    llama, oracle = gqa_llama
+    ckpt = tmp_path / "ckpt"
+    hf_to_mcore(ckpt, llama=str(llama), config=str(TINY), tp=tp, overrides=(f"data.tokenizer={tokenizer_dir}",),
+                progress=False)
+    meta = json.loads((ckpt / "megatron_emu.json").read_text())
+    assert (meta["config"]["model"]["lm"]["num_query_groups"], meta["layout"]["tp"]) == (2, tp)
+    (ours,) = run_ranks(1, _our_logits_and_greedy, str(ckpt), TOKENS, 8)
+    torch.testing.assert_close(ours["logits"], oracle["logits"], rtol=1e-4, atol=1e-4)
+    assert ours["greedy"] == oracle["greedy"][: len(ours["greedy"])] and ours["greedy"]
+    out = tmp_path / "lm"
+    mcore_to_hf(ckpt, out, lm_only=True, progress=False)
+    assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 2
+    original, back = load_file(llama / "model.safetensors"), {}
+    for f in out.glob("*.safetensors"):
+        back.update(load_file(f))
+    assert set(back) == set(original)
+    for k, v in original.items():
+        assert torch.equal(back[k], v), k
 
 
 @pytest.mark.parametrize("tp, pp", [(1, 1), (2, 2)])
@@ -180,6 +217,24 @@ def test_bad_inputs_fail_clearly_and_write_nothing(llama_dir, from_llama, tmp_pa
         mcore_to_hf(tmp_path, tmp_path / "out4", progress=False)
     with pytest.raises(ConversionError, match="not empty"):
         mcore_to_hf(from_llama, sharded, progress=False)
+
+
+def test_converter_outputs_have_checksums_and_normal_permissions(from_llama, tmp_path):
+    import os
+
+    from megatron_emu.checkpoint import integrity
+
+    manifest = integrity.Manifest(from_llama)
+    assert manifest.active and sorted(manifest.files) == integrity.checkpoint_files(from_llama)
+    for name, entry in manifest.files.items():
+        with open(from_llama / name, "rb") as f:
+            manifest.check_range(name, f, 0, entry["size"])
+    umask = os.umask(0)
+    os.umask(umask)
+    out = tmp_path / "hf"
+    mcore_to_hf(from_llama, out, progress=False)
+    for directory in (from_llama, out):  # as mkdir would make them, not mkdtemp's 0700
+        assert directory.stat().st_mode & 0o777 == 0o777 & ~umask, directory
 
 
 def test_converted_checkpoint_initialises_training(from_llama, train_data, tmp_path):

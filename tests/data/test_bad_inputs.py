@@ -138,3 +138,74 @@ def test_inspect_finds_a_broken_shard(datasets, tmp_path, capsys):
     (broken / "shard-000002.tar").write_bytes((src / "shard-000002.tar").read_bytes()[:3000])
     assert data_cli(["inspect", str(broken)]) == 1
     assert "shard-000002.tar" in capsys.readouterr().out
+
+
+# One crafted record per case, next to a good one: the bad one is counted under its reason and
+# skipped, the good one is kept, the run succeeds.
+def _jsonl(root, samples, bad_lines: list[str]) -> list[str]:
+    good = json.dumps({"segments": [{"text": "A good one."}, {"image": "astronaut_0.jpg"}]})
+    (root / "docs.jsonl").write_text("\n".join([good, *bad_lines]) + "\n")
+    return ["--format", "jsonl", "--input", str(root / "docs.jsonl"), "--images", str(samples / "jsonl" / "images")]
+
+
+def lone_surrogate(root, samples):
+    # json.dumps writes a lone surrogate as the escape \ud800, which json.loads turns back into one.
+    return _jsonl(root, samples, [json.dumps({"segments": [{"text": "broken \ud800 text"}]}),
+                                  json.dumps({"key": "k\udfff", "segments": [{"text": "fine text"}]})])
+
+
+def infinite_index(root, samples):
+    good = {"text_list": ["A cat.", "The end."], "image_info": [
+        {"image_name": "chelsea_0.jpg", "matched_text_index": 0}]}
+    bad = {"text_list": ["A cat."], "image_info": [{"image_name": "chelsea_0.jpg", "matched_text_index": float("inf")}]}
+    assert "Infinity" in json.dumps(bad)
+    (root / "docs.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    return ["--format", "mmc4", "--input", str(root / "docs.jsonl"), "--images", str(samples / "mmc4" / "images")]
+
+
+def deep_nesting(root, samples):
+    return _jsonl(root, samples, ['{"segments": ' + "[" * 200_000 + "]" * 200_000 + "}"])
+
+
+def img2dataset_json_array(root, samples):
+    name, data, caption = photos(1)[0]
+    (root / "tars").mkdir()
+    with tarfile.open(root / "tars" / "00000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        write_member(tar, "000000000.jpg", data)
+        write_member(tar, "000000000.txt", caption.encode())
+        write_member(tar, "000000001.jpg", data)
+        write_member(tar, "000000001.json", b'["an", "array"]')
+    return ["--format", "img2dataset", "--input", str(root / "tars")]
+
+
+def obelics_metadata_not_object(root, samples):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_tools.samples import url_of
+
+    (root / "obelics").mkdir()
+    url = url_of(photos(1)[0][0])
+    pq.write_table(pa.table({"images": [[url, None], [url, None]], "texts": [[None, "Fine."], [None, "Bad."]],
+                             "metadata": ["[null, null]"] * 2,
+                             "general_metadata": ['{"url": "https://a.example.org"}', '["not", "an object"]']}),
+                   root / "obelics" / "part.parquet")
+    return ["--format", "obelics", "--input", str(root / "obelics"), "--images", str(samples / "img2dataset")]
+
+
+@pytest.mark.parametrize("make, reason, skipped", [
+    (lone_surrogate, "malformed_text", 2), (infinite_index, "malformed_json", 1),
+    (deep_nesting, "malformed_json", 1), (img2dataset_json_array, "malformed_json", 1),
+    (obelics_metadata_not_object, "malformed_json", 1)], ids=lambda x: getattr(x, "__name__", str(x)))
+def test_a_crafted_record_is_counted_and_skipped(make, reason, skipped, samples, tokenizer_dir, tmp_path,
+                                                 capsys, caplog):
+    caplog.set_level("WARNING", logger="megatron_emu")
+    (tmp_path / "in").mkdir()
+    args = make(tmp_path / "in", samples)
+    rc, summary = _run(["preprocess", *args, "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "out"),
+                        "--image-size", str(IMAGE_SIZE), "--workers", "1", "--no-progress"], capsys)
+    assert rc == 0
+    assert summary["skipped"] == {reason: skipped}
+    assert summary["documents"] == 1 and summary["images"] == 1
+    assert f"({reason})" in caplog.text
+    assert data_cli(["inspect", str(tmp_path / "out")]) == 0

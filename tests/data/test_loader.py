@@ -46,9 +46,11 @@ def check_layout(batch, spec):
         assert full.count(st.IMAGE_ID) == N_QUERY * len(starts)
     assert batch.images.shape == (int((tokens == st.IMG_ID).sum()), 3, IMAGE_SIZE, IMAGE_SIZE)
     assert batch.images.dtype == torch.uint8
-    from megatron_emu.model.multimodal import regression_targets
-    reg, _ = regression_targets(tokens, st.IMAGE_ID)
-    assert torch.equal(reg, batch.reg_mask)
+    from megatron_emu.contracts.batch import host_indices
+    b = tokens.shape[0]
+    sample, pos = np.nonzero(batch.reg_mask.numpy())
+    rows = host_indices(tokens.numpy(), st.IMAGE_ID)["reg_rows"]
+    assert sorted(rows.tolist()) == sorted((pos * b + sample).tolist())
 
 
 @pytest.mark.parametrize("names", [("img2dataset",), ("mmc4",), ("laion", "obelics", "jsonl")])
@@ -183,9 +185,11 @@ def test_image_size_mismatch_is_a_clear_error(datasets):
         EmuDataLoader(spec_for(datasets, "mmc4", image_size=448))
 
 
-def test_to_model_normalises_on_the_device(datasets):
+def test_model_batch_is_normalised_on_the_device(datasets):
+    from megatron_emu.data.decode import normalize
+
     batch = next(EmuDataLoader(spec_for(datasets, "img2dataset")))
-    model_batch = batch.to_model(torch.device("cpu"), torch.float32)
+    model_batch = batch.to_batch([st.PAD_ID]).to(torch.device("cpu"), torch.float32, normalize=normalize)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     assert torch.allclose(model_batch.images, (batch.images.float() / 255 - mean) / std)

@@ -97,8 +97,12 @@ def test_rerun_skips_finished_shards(samples, tokenizer_dir, tmp_path, caplog):
     assert second == first
     assert shard0.stat().st_mtime_ns == before
     assert "3 already done, 1 to process" in caplog.text
-    # Other options redo everything (the shard json records what it was made with).
-    third = preprocess(samples, tokenizer_dir, "mmc4", out, shard_size=4, image_size=28)
+    # Other options make another dataset: refused without --overwrite, then everything is redone
+    # (the shard json records what it was made with).
+    with pytest.raises(ValueError, match="holds another dataset.*other options.*--overwrite"):
+        preprocess(samples, tokenizer_dir, "mmc4", out, shard_size=4, image_size=28)
+    assert shard0.stat().st_mtime_ns == before
+    third = preprocess(samples, tokenizer_dir, "mmc4", out, shard_size=4, image_size=28, overwrite=True)
     assert shard0.stat().st_mtime_ns != before and third["documents"] == first["documents"]
     assert json.loads((out / "dataset.json").read_text())["image_size"] == 28
 

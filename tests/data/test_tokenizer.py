@@ -13,8 +13,12 @@ from megatron_emu.data import special_tokens as st
 from megatron_emu.data.tokenizer import Emu2Tokenizer, TokenizerError
 
 LLAMA = Path(__file__).resolve().parents[3] / "shared" / "data" / "llama_tokenizer.model"
-TEXTS = ["A photo of an emu egg", "[IMG]<image><image>[/IMG]Chelsea the cat, a tabby.",
-         "Numbers 1234 and ünïcödé, plus <phrase>a man</phrase><object>", "spaces\tand a tab\nand a new line"]
+TEXTS = ["A photo of an emu egg", "Chelsea the cat, a tabby.", "Numbers 1234 and ünïcödé, plus a man",
+         "spaces\tand a tab\nand a new line"]
+# Web text that spells special tokens: it must stay text (only sequence assembly places special ids).
+SPECIAL_TEXTS = ["[IMG]<image><image>[/IMG]Chelsea the cat, a tabby.",
+                 "plus <phrase>a man</phrase><object> and <s> or </s> or <unk>",
+                 " ".join(st.ADDED_TOKENS + st.CHAT_TOKENS)]
 # Runs of spaces are segmented differently by SentencePiece (what the original Emu2 code used)
 # and by transformers' tokenizers backend; preprocessing collapses them (test_preprocess).
 
@@ -29,10 +33,35 @@ def llama_dir(tmp_path_factory):
 
 
 def test_llama_tokenizer_has_emu2_ids(llama_dir):
+    from transformers import AutoTokenizer
+
     tok = Emu2Tokenizer(llama_dir)
-    # emu2_spec.md §1.7: "[IMG]<image><image><image>[/IMG]A photo" (after <s>).
-    assert tok.encode("[IMG]<image><image><image>[/IMG]A photo") == [32001, 32003, 32003, 32003, 32002, 319, 15373]
+    # emu2_spec.md §1.7: "[IMG]<image><image><image>[/IMG]A photo" (after <s>), as sequence
+    # assembly writes it; transformers maps the spelled-out layout to the same ids.
+    ids = [st.IMG_ID] + [st.IMAGE_ID] * 3 + [st.IMG_END_ID] + tok.encode("A photo")
+    assert ids == [32001, 32003, 32003, 32003, 32002, 319, 15373]
+    hf = AutoTokenizer.from_pretrained(str(llama_dir))
+    assert hf("[IMG]<image><image><image>[/IMG]A photo").input_ids == [st.BOS_ID] + ids
     assert tok.vocab_size == 32272
+
+
+@pytest.mark.parametrize("which", ["llama", "trained"])
+def test_special_token_strings_in_text_stay_text(which, llama_dir, tokenizer_dir):
+    """``<image>``, ``[IMG]``, ``<s>`` ... typed in raw text never become special ids: the ids
+    are SentencePiece's own encoding of the whole string, and decode back to it."""
+    import sentencepiece as spm
+
+    directory = llama_dir if which == "llama" else tokenizer_dir
+    tok = Emu2Tokenizer(directory)
+    sp = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
+    for text in SPECIAL_TEXTS:
+        ids = tok.encode(text)
+        assert ids == sp.encode(text)
+        assert all(3 <= i < st.LLAMA_VOCAB_SIZE or i == st.UNK_ID for i in ids), text
+        assert tok.decode(ids) == text
+    assert st.IMAGE_ID not in tok.encode("<image>" * 10)
+    with pytest.raises(UnicodeEncodeError):
+        tok.encode("lone \ud800 surrogate")
 
 
 @pytest.mark.parametrize("which", ["llama", "trained"])

@@ -23,17 +23,17 @@ LOSS_TOL = 1e-5  # absolute, on losses of ~10
 GRAD_TOL = 1e-5  # relative to the largest reference gradient of the tensor
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    cfg = tiny.tiny_config()
+def _setup(tmp_path_factory, model_extra=()):
+    cfg = tiny.tiny_config(extra=model_extra)
     rc = tiny.ref_config(cfg)
     hf = reference.init_params(rc, seed=0)
     microbatches = tiny.make_microbatches(cfg, seed=1)
     params = {k: v.clone().requires_grad_(True) for k, v in hf.items()}
     ref_losses, total = [], 0.0
     for mb in microbatches:
-        out = reference.emu2_loss(params, rc, mb.tokens, mb.images, image_token_id=32003,
-                                  ce_ignore_ids=tiny.ce_ignore_ids(cfg), lm_weight=1.0, reg_weight=1.0)
+        out = reference.emu2_loss(params, rc, mb.tokens, mb.images,
+                                  image_token_id=reference.IMAGE_ID, ce_ignore_ids=reference.CE_IGNORE_IDS,
+                                  lm_weight=1.0, reg_weight=1.0)
         ref_losses.append({k: float(v.detach()) for k, v in out.items()})
         total = total + out["loss"] / len(microbatches)
     total.backward()
@@ -41,7 +41,21 @@ def setup(tmp_path_factory):
     weights = str(tmp_path_factory.mktemp("weights") / "ckpt")
     run_ranks(1, layouts.save_reference_weights, cfg, from_hf(hf, Dims.from_config(cfg)), weights)
     return {"cfg": cfg, "mbs": microbatches, "ref_losses": ref_losses, "ref_grads": ref_grads,
-            "weights": weights, "tmp": tmp_path_factory}
+            "weights": weights, "tmp": tmp_path_factory, "model_extra": model_extra, "hf": hf}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return _setup(tmp_path_factory)
+
+
+# Grouped-query attention: 4 query heads share 2 key/value heads (1 per rank at TP2).
+GQA = ("model.lm.num_query_groups=2",)
+
+
+@pytest.fixture(scope="module")
+def setup_gqa(tmp_path_factory):
+    return _setup(tmp_path_factory, GQA)
 
 
 LAYOUTS = {
@@ -56,11 +70,15 @@ LAYOUTS = {
     "tp2pp2dp1_sp_frozen_vit": (2, 2, 1, True, None, ("train.freeze=['vision.*']",)),
     "tp2pp2dp1_sp_full_recompute": (2, 2, 1, True, None, ("train.recompute_granularity=full",)),
     "tp2pp1dp1_sp_selective_recompute": (2, 1, 1, True, None, ("train.recompute_granularity=selective",)),
+    # megatron-core's unfused attention against the same reference as the default (torch SDPA)
+    "tp1pp1dp1_unfused_attention": (1, 1, 1, False, None, ("model.attention_backend=unfused",)),
+    "tp2pp2dp1_sp_unfused_attention": (2, 2, 1, True, None, ("model.attention_backend=unfused",)),
 }
 
 
 def _compare(setup, name):
     tp, pp, dp, sp, vpp, extra = LAYOUTS[name]
+    extra = (*setup["model_extra"], *extra)
     cfg = tiny.tiny_config(tp=tp, pp=pp, vpp=vpp, sp=sp, extra=extra)
     grads_dir = str(setup["tmp"].mktemp(name) / "grads")
     results = run_ranks(tp * pp * dp, layouts.run_layout, cfg, setup["weights"], setup["mbs"], grads_dir)
@@ -78,7 +96,8 @@ def _compare(setup, name):
                 f"{name} micro-batch {i} {key}: {seen[i][key]} vs reference {setup['ref_losses'][i][key]}")
 
     # Gradients of every parameter, unsharded through dist_checkpointing.
-    canonical = run_ranks(1, layouts.load_unsharded, tiny.tiny_config(), grads_dir)[0]
+    unsharded_cfg = tiny.tiny_config(extra=setup["model_extra"])
+    canonical = run_ranks(1, layouts.load_unsharded, unsharded_cfg, grads_dir)[0]
     grads = to_hf(canonical, Dims.from_config(cfg))
     frozen = {f for r in results for f in r["frozen"]}
     assert set(grads) == set(setup["ref_grads"])
@@ -99,3 +118,60 @@ def test_layout_matches_reference(setup, name):
         assert frozen and all(f.startswith("vision.") for f in frozen)
     else:
         assert not frozen
+
+
+@pytest.mark.parametrize("name", ["tp1pp1dp1", "tp2pp2dp1_sp"])
+def test_grouped_query_attention_layout_matches_reference(setup_gqa, name):
+    assert setup_gqa["cfg"].model.lm.num_query_groups == 2 < setup_gqa["cfg"].model.lm.num_attention_heads
+    assert not _compare(setup_gqa, name)
+
+
+# One clipped update. clip_grad 0.1 is far below the tiny model's gradient norm (~5.8), so every
+# update is scaled by 0.1 / norm. Adam's first update is lr * g / (|g| + eps) per element: with
+# eps (1.0) far above every clipped |g| (< 1e-2) it is ~ lr * g / eps, linear in the clipping
+# coefficient, so a norm taken over the wrong ranks changes every parameter's update. lr 100
+# lifts the smallest updates well above the fp32 rounding of the parameters.
+CLIP = ("train.clip_grad=0.1", "train.adam_eps=1.0", "train.lr=100.0", "train.min_lr=0.0",
+        "train.lr_warmup_fraction=0.0", "train.weight_decay=0.0")
+CLIP_LAYOUTS = {
+    # id: (tp, pp, dp, sp, distributed optimizer)
+    "tp1pp1dp1": (1, 1, 1, False, False),
+    "tp2pp2dp1_sp": (2, 2, 1, True, False),
+    "tp2pp2dp1_sp_distopt": (2, 2, 1, True, True),
+    "tp1pp1dp2": (1, 1, 2, False, False),
+    "tp1pp1dp2_distopt": (1, 1, 2, False, True),
+}
+UPDATE_TOL = 1e-3  # relative to the tensor's largest reference update (observed <= 7e-5)
+
+
+@pytest.mark.parametrize("name", list(CLIP_LAYOUTS))
+def test_clipped_update_matches_reference(setup, name):
+    """Gradient norm (reduced over TP, PP and DP, or the distributed optimizer's shards),
+    clipping and the Adam step give the single-process reference's update."""
+    tp, pp, dp, sp, distopt = CLIP_LAYOUTS[name]
+    cfg = tiny.tiny_config(tp=tp, pp=pp, sp=sp, distopt=distopt, extra=CLIP)
+    out = str(setup["tmp"].mktemp(f"clip_{name}") / "params")
+    results = run_ranks(tp * pp * dp, layouts.run_clipped_step, cfg, setup["weights"], setup["mbs"], out)
+
+    # Reference: torch's clip_grad_norm_ over all gradients, then torch's Adam.
+    before = setup["hf"]
+    params = {k: v.clone().requires_grad_(True) for k, v in before.items()}
+    for k, p in params.items():
+        p.grad = setup["ref_grads"][k].clone()
+    norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.train.clip_grad))
+    assert norm > 10 * cfg.train.clip_grad, "the test must clip"
+    tr = cfg.train
+    lr = results[0]["lr"]  # update 1 of the cosine schedule without warmup
+    assert math.isclose(lr, tr.lr * 0.5 * (1 + math.cos(math.pi / tr.train_iters)), rel_tol=1e-12)
+    torch.optim.Adam(list(params.values()), lr=lr, betas=(tr.adam_beta1, tr.adam_beta2),
+                     eps=tr.adam_eps).step()
+    for r in results:
+        assert r["lr"] == lr
+        assert math.isclose(r["grad_norm"], norm, rel_tol=1e-5), f"{name}: grad norm {r['grad_norm']} vs {norm}"
+
+    canonical = run_ranks(1, layouts.load_unsharded, tiny.tiny_config(), out)[0]
+    after = to_hf(canonical, Dims.from_config(cfg))
+    for key, p in params.items():
+        want, got = p.detach() - before[key], after[key] - before[key]
+        err = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-12)
+        assert err < UPDATE_TOL, f"{name}: update of {key} differs (relative error {err:.2e})"

@@ -86,7 +86,7 @@ def run_layout(rank: int, cfg, weights: str, microbatches: list, grads_out: str)
     _load(chunks, weights)
     model = wrap_ddp(cfg, chunks, pgs)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    losses = forward_backward(cfg, model, microbatches[dp_rank::dp])
+    losses = forward_backward(cfg, model, microbatches[dp_rank::dp], torch.device("cpu"), torch.float32)
     if cfg.parallel.use_distributed_optimizer and dp > 1:
         _gather_distopt_grads(model)
     frozen = []
@@ -104,3 +104,29 @@ def run_layout(rank: int, cfg, weights: str, microbatches: list, grads_out: str)
         "dp_rank": dp_rank,
         "frozen": frozen,
     }
+
+
+def run_clipped_step(rank: int, cfg, weights: str, microbatches: list, params_out: str) -> dict:
+    """One optimizer update made as ``Trainer.step`` makes it (training/loop.py): the schedule's
+    forward/backward over this DP rank's micro-batches, then ``training.update.apply_update``
+    (gradient norm, LR schedule step, clipping, optimizer step). Writes the updated parameters
+    to ``params_out``; returns this rank's gradient norm and learning rate."""
+    from megatron.core import parallel_state
+
+    from megatron_emu.training.optimizer import build_optimizer
+    from megatron_emu.training.schedule import forward_backward, wrap_ddp, zero_grads
+    from megatron_emu.training.update import apply_update
+
+    pgs, chunks = _setup(cfg)
+    _load(chunks, weights)
+    model = wrap_ddp(cfg, chunks, pgs)
+    optimizer, scheduler = build_optimizer(cfg, model, pgs)
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    zero_grads(model)
+    optimizer.zero_grad()
+    dev = torch.device("cpu")
+    forward_backward(cfg, model, microbatches[dp_rank::dp], dev, torch.float32)
+    ok, values = apply_update(optimizer, scheduler, cfg.train.clip_grad, torch.zeros(3), dev)
+    assert ok
+    _save(chunks, params_out)
+    return {"grad_norm": values[3], "lr": optimizer.param_groups[0]["lr"]}

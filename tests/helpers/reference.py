@@ -21,6 +21,12 @@ V = "model.visual."
 L = "model.decoder.lm.model."
 LM_HEAD = "model.decoder.lm.lm_head.weight"
 
+# Emu2 special ids (emu2_spec.md §1.6): [PAD] 32000, [IMG] 32001, [/IMG] 32002, <image> 32003.
+# Cross-entropy ignores labels at all four (§2, Emu1 lineage). Fixed here, never read from the
+# configuration under test, so a config or default that loses one of them is caught.
+IMAGE_ID = 32003
+CE_IGNORE_IDS = (32000, 32001, 32002, 32003)
+
 
 @dataclass
 class RefConfig:
@@ -39,6 +45,11 @@ class RefConfig:
     vocab_size: int
     rms_eps: float
     rope_theta: float
+    num_kv_heads: int | None = None  # grouped-query attention: key/value heads (None: num_heads)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
 
     @property
     def grid(self) -> int:
@@ -73,8 +84,9 @@ def init_params(cfg: RefConfig, seed: int, dtype=torch.float32) -> dict[str, Ten
     for i in range(cfg.num_layers):
         b = f"{L}layers.{i}."
         p[b + "input_layernorm.weight"] = torch.ones(H)
-        for n in ("q", "k", "v", "o"):
-            p[f"{b}self_attn.{n}_proj.weight"] = rnd(H, H)
+        kv = H // cfg.num_heads * cfg.kv_heads
+        for n, rows in (("q", H), ("k", kv), ("v", kv), ("o", H)):
+            p[f"{b}self_attn.{n}_proj.weight"] = rnd(rows, H)
         p[b + "post_attention_layernorm.weight"] = torch.ones(H)
         p[b + "mlp.gate_proj.weight"], p[b + "mlp.up_proj.weight"] = rnd(F_, H), rnd(F_, H)
         p[b + "mlp.down_proj.weight"] = rnd(H, F_)
@@ -146,18 +158,22 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def decoder(p: dict[str, Tensor], cfg: RefConfig, x: Tensor) -> Tensor:
-    """LLaMA decoder on input embeddings x [b, s, hidden] -> final-RMSNorm hidden [b, s, hidden]."""
+    """LLaMA decoder on input embeddings x [b, s, hidden] -> final-RMSNorm hidden [b, s, hidden].
+
+    Grouped-query attention as in LLaMA / transformers (``repeat_kv``): query head j attends
+    with key/value head ``j // (num_heads / kv_heads)``."""
     bsz, s, H = x.shape
-    nh = cfg.num_heads
+    nh, nkv = cfg.num_heads, cfg.kv_heads
     hd = H // nh
     cos, sin = rope_cos_sin(s, hd, cfg.rope_theta)
     causal = torch.ones(s, s, dtype=torch.bool).tril()
     for i in range(cfg.num_layers):
         b = f"{L}layers.{i}."
         h = rms_norm(x, p[b + "input_layernorm.weight"], cfg.rms_eps)
-        q, k, v = (F.linear(h, p[f"{b}self_attn.{n}_proj.weight"]).view(bsz, s, nh, hd).transpose(1, 2)
-                   for n in ("q", "k", "v"))  # [b, nh, s, hd]
+        q, k, v = (F.linear(h, p[f"{b}self_attn.{n}_proj.weight"]).view(bsz, s, heads, hd).transpose(1, 2)
+                   for n, heads in (("q", nh), ("k", nkv), ("v", nkv)))  # q [b,nh,s,hd]; k, v [b,nkv,s,hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)  # [b, nh, s, hd]
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
         scores = scores.masked_fill(~causal, float("-inf"))
         att = torch.softmax(scores.float(), dim=-1).to(q.dtype)

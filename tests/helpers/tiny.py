@@ -9,7 +9,7 @@ import torch
 from megatron_emu.config.io import load_config
 from megatron_emu.config.schema import EmuConfig
 from megatron_emu.data import special_tokens as st
-from megatron_emu.model.multimodal import Emu2Batch
+from megatron_emu.contracts.batch import Emu2Batch, make_batch
 from tests.helpers.reference import RefConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ def ref_config(cfg: EmuConfig) -> RefConfig:
         vision_eps=v.layer_norm_eps, n_query=cfg.model.adapter.n_query,
         hidden_size=lm.hidden_size, num_layers=lm.num_layers, num_heads=lm.num_attention_heads,
         ffn_hidden_size=lm.ffn_hidden_size, vocab_size=lm.vocab_size, rms_eps=lm.norm_eps,
-        rope_theta=lm.rope_theta,
+        rope_theta=lm.rope_theta, num_kv_heads=lm.num_query_groups,
     )
 
 
@@ -71,9 +71,6 @@ def make_microbatches(cfg: EmuConfig, seed: int = 0) -> list[Emu2Batch]:
         loss_mask[:, -1] = 0
         n_img = int((tokens == st.IMG_ID).sum())
         images = torch.randn(n_img, 3, v.image_size, v.image_size, generator=g)
-        out.append(Emu2Batch(tokens=tokens, labels=labels, loss_mask=loss_mask, images=images))
+        out.append(make_batch(tokens, labels, loss_mask, images, image_id=st.IMAGE_ID,
+                              ce_ignore_ids=[st.token_id(t) for t in cfg.model.loss.ce_ignore_tokens]))
     return out
-
-
-def ce_ignore_ids(cfg: EmuConfig) -> list[int]:
-    return [st.token_id(t) for t in cfg.model.loss.ce_ignore_tokens]

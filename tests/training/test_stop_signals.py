@@ -66,7 +66,7 @@ def test_sigterm_to_the_launcher_saves_the_current_step_and_exits_0(train_data, 
     proc = _launch(tmp_path, _train_args(train_data, tmp_path))
     _wait(proc, lambda: (tmp_path / "run" / "metrics.jsonl").exists() and len(metrics(tmp_path / "run")) >= 2)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.ppid() != proc.pid]
-    assert len(workers) >= 4, "expected one DataLoader worker per rank"
+    assert workers, "expected DataLoader workers (the presets use them)"
     proc.send_signal(signal.SIGTERM)
     out = _finish(proc)
     assert proc.returncode == 0, out[-3000:]

@@ -297,6 +297,7 @@ RULES = [
     ("positive", ["train.micro_batch_size=0"], 4, ["train.micro_batch_size", "positive"]),
     ("pair-prob", ["data.pair_image_first_prob=1.5"], 4, ["data.pair_image_first_prob"]),
     ("lookahead", ["data.packing_lookahead=0"], 4, ["data.packing_lookahead"]),
+    ("bad-samples", ["data.max_consecutive_bad_samples=0"], 4, ["data.max_consecutive_bad_samples"]),
     ("blend-weight", ["data.path=['0:/a', '1:/b']"], 4, ["data.path[0]", "WEIGHT"]),
     ("positive-negative-tp", ["parallel.tensor_model_parallel_size=-2"], None,
      ["parallel.tensor_model_parallel_size", "positive"]),
@@ -355,7 +356,7 @@ def test_cli_missing_config_returns_2(no_world, capsys, tmp_path):
 def test_cli_dry_run(no_world, capsys, preset):
     assert train_main(["--config", str(preset), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "total parameters" in out and "GiB" in out
+    assert "total parameters" in out and ("GiB" in out or "MiB" in out)
 
 
 @pytest.mark.parametrize("preset", [TINY, BIG], ids=["tiny", "37b"])

@@ -1,0 +1,115 @@
+"""Reading the pickled files of a checkpoint without running code from them.
+
+A megatron-core ``torch_dist`` checkpoint holds three kinds of pickled data:
+
+* ``.metadata``: torch DCP's index (a ``Metadata`` dataclass tree), which torch itself reads with
+  a bare ``pickle.load``. ``load_dcp_metadata`` reads it with an unpickler whose ``find_class``
+  only resolves the names in ``ALLOWED`` (DCP's metadata and planner dataclasses and enums,
+  ``torch.Size``, dtypes, layouts, and megatron-core's two empty placeholder classes for
+  old checkpoints); any other global (``os.system``, ``builtins.eval``, ...) is refused before
+  it is called.
+* ``common.pt`` and sharded objects (the per-rank RNG state; megatron-core >= 0.17 also keeps its
+  common state as DCP bytes): ``torch.save`` archives of plain containers and tensors, read by
+  ``torch_load`` with ``torch.load(weights_only=True)`` (torch's own restricted unpickler; the
+  flag is passed explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn it off).
+* tensor chunks in ``*.distcp``: DCP already reads them with ``weights_only=True``.
+
+Every refusal is a ``CheckpointFileError`` with one line that names the file. Nothing here
+changes global state (no ``add_safe_globals``): ``weights_only`` needs no extra classes for
+what megatron_emu saves.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+from typing import Any, BinaryIO, Union
+
+_DCP = "torch.distributed.checkpoint"
+_MCORE_TORCH = "megatron.core.dist_checkpointing.strategies.torch"
+
+ALLOWED: frozenset[tuple[str, str]] = frozenset(
+    [("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")]
+    + [(f"{_DCP}.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata",
+        "BytesStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")]
+    + [(f"{_DCP}.planner", n) for n in (
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")]
+    + [(f"{_DCP}.filesystem", n) for n in ("_StorageInfo", "_StoragePrefix")]
+    # empty classes megatron-core defines only so that older checkpoints' metadata unpickles
+    + [(_MCORE_TORCH, "MCoreMetadata"), (_MCORE_TORCH, "MCoreSavePlan")]
+)
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint file that is refused (crafted, corrupt or failing its checksum); the one-line
+    message names the file and says what to do."""
+
+
+def _detail(e: BaseException) -> str:
+    """``Type: first sentence`` of an exception (torch's messages run to several lines)."""
+    text = str(e).splitlines()[0] if str(e) else "no detail"
+    return f"{type(e).__name__}: {text.split('. ')[0].rstrip('.')}"
+
+
+def _refuse(where: Any, what: str) -> CheckpointFileError:
+    return CheckpointFileError(f"{where}: {what}; the file is corrupt or crafted: do not load this "
+                               f"checkpoint (restore the file from a copy or use an earlier iteration)")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file: BinaryIO, where: Any):
+        super().__init__(file)
+        self.where = where
+
+    def find_class(self, module: str, name: str) -> Any:
+        import torch
+
+        if (module, name) in ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and name.isidentifier() and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise _refuse(self.where, f"refused to unpickle {module}.{name} (not a torch DCP metadata class)")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _refuse(self.where, "refused a persistent id (not torch DCP metadata)")
+
+
+def load_dcp_metadata(data: bytes, where: Any):
+    """torch DCP ``Metadata`` from the bytes of a ``.metadata`` file (``where`` names it)."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(data), where).load()
+    except CheckpointFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated or garbled pickle: any error is "corrupt"
+        raise _refuse(where, f"unreadable torch DCP metadata ({_detail(e)})") from None
+    if not isinstance(metadata, Metadata):
+        raise _refuse(where, f"holds a {type(metadata).__name__}, not torch DCP metadata")
+    return metadata
+
+
+def read_dcp_metadata(path: Union[str, Path]):
+    """``load_dcp_metadata`` of a file."""
+    path = Path(path)
+    return load_dcp_metadata(path.read_bytes(), path)
+
+
+def torch_load(source: Union[str, Path, BinaryIO], where: Any = None) -> Any:
+    """``torch.load(weights_only=True)`` on CPU; a refusal or a broken archive is a one-line
+    ``CheckpointFileError`` naming ``where`` (default: the path)."""
+    import torch
+
+    where = source if where is None else where
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as e:  # weights_only refused a global or an opcode
+        lines = str(e).splitlines() or [""]
+        detail = next((line.strip() for line in lines if "Unsupported" in line), lines[0].strip())
+        raise _refuse(where, f"refused by torch's weights-only loader ({detail.split('. ')[0]})") from None
+    except Exception as e:  # noqa: BLE001 - a truncated or garbled archive
+        raise _refuse(where, f"unreadable torch archive ({_detail(e)})") from None

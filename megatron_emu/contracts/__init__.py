@@ -1,0 +1,1 @@
+"""What the layers of megatron_emu agree on; depends on nothing else of ours."""
