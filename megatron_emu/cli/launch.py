@@ -100,17 +100,20 @@ def _signal_rank(pid: int, sig: int) -> None:
         pass
 
 
+def _seconds(name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        _say(f"{name}: expected seconds, got {value!r}")
+        raise SystemExit(2) from None
+
+
 def _split_own_options(argv: list[str]) -> tuple[float, list[str]]:
-    grace = float(os.environ.get("MEGATRON_EMU_STOP_GRACE_S", DEFAULT_GRACE_S))
+    grace = _seconds("MEGATRON_EMU_STOP_GRACE_S", os.environ.get("MEGATRON_EMU_STOP_GRACE_S", str(DEFAULT_GRACE_S)))
     argv = list(argv)
     while argv and argv[0].startswith("--stop-grace"):
         opt = argv.pop(0)
-        value = opt.split("=", 1)[1] if "=" in opt else (argv.pop(0) if argv else "")
-        try:
-            grace = float(value)
-        except ValueError:
-            _say(f"--stop-grace: expected seconds, got {value!r}")
-            raise SystemExit(2) from None
+        grace = _seconds("--stop-grace", opt.split("=", 1)[1] if "=" in opt else (argv.pop(0) if argv else ""))
     return grace, argv
 
 
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     kept = [s.strip() for s in getattr(args, "signals_to_handle", "SIGINT,SIGHUP,SIGQUIT").split(",")
             if s.strip() and s.strip() not in ours]
     args.signals_to_handle = ",".join(kept) or "SIGINT"
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = args.signals_to_handle  # torch < 2.9 reads only this
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = args.signals_to_handle  # older torch reads only this
     forwarder = StopForwarder(grace)
     forwarder.start()
     try:

@@ -60,9 +60,9 @@ def _assert_stopped_with_checkpoint(tmp_path, out: str) -> int:
 
 
 def test_sigterm_to_the_launcher_saves_the_current_step_and_exits_0(train_data, tmp_path):
-    """4 ranks (TP2 PP2) with a DataLoader worker each; SIGTERM to the launcher only: it forwards
-    it to the ranks' process groups as torchrun does (workers included), the ranks finish the
-    step, save and exit 0, and so does the launcher."""
+    """4 ranks (TP2 PP2) with DataLoader workers (on the ranks that load); SIGTERM to the launcher
+    only: it forwards it to the ranks' process groups as torchrun does (workers included), the
+    ranks finish the step, save and exit 0, and so does the launcher."""
     proc = _launch(tmp_path, _train_args(train_data, tmp_path))
     _wait(proc, lambda: (tmp_path / "run" / "metrics.jsonl").exists() and len(metrics(tmp_path / "run")) >= 2)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.ppid() != proc.pid]
