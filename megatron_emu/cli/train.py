@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print parameters per component/stage and memory per GPU, then exit")
     p.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
+    p.add_argument("--verbose", action="store_true", help="show every library notice and warning as "
+                   "printed (default: known megatron-core / torch notices are said once)")
     p.add_argument("--get", metavar="KEY", help="print one resolved config value (e.g. run.dir) and exit "
                    "(for batch scripts)")
     return p
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from megatron_emu.training.loop import train
 
-    return train(cfg)
+    return train(cfg, verbose=args.verbose)
 
 
 if __name__ == "__main__":
