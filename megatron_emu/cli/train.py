@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print parameters per component/stage and memory per GPU, then exit")
     p.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
+    p.add_argument("--verbose", action="store_true", help="show every library notice and warning as "
+                   "printed (default: known megatron-core / torch notices are said once)")
     p.add_argument("--get", metavar="KEY", help="print one resolved config value (e.g. run.dir) and exit "
                    "(for batch scripts; after the checks of --check-launch when given)")
     p.add_argument("--check-launch", action="store_true",
@@ -159,7 +161,7 @@ def _main(args, argv: list[str], signals) -> int:
         return 2 if quiet else _fail(errors)
     from megatron_emu.training.loop import train
 
-    rc = train(cfg, signals)
+    rc = train(cfg, signals, verbose=args.verbose)
     # The process ends now: spare it the interpreter's last garbage collection, which walks every
     # torch/megatron object for seconds (time taken from SLURM's KillWait after a SIGTERM).
     import gc

@@ -169,6 +169,12 @@ class SequenceReader(torch.utils.data.Dataset):
             size = self.spec.image_size
             return np.zeros((3, size, size), dtype=np.uint8)
 
+    def close(self) -> None:
+        """Close the shard files this process opened (workers close theirs when they exit)."""
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
     def __len__(self) -> int:  # unused: the sampler is infinite
         return 2**62
 
@@ -326,3 +332,4 @@ class EmuDataLoader:
     def close(self) -> None:
         self._iter = None
         self._sampler = None
+        self.reader.close()

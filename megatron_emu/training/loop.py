@@ -29,7 +29,7 @@ from megatron_emu.model.builder import build_model_chunks
 from megatron_emu.model.megatron_config import fusion_plan
 from megatron_emu.parallel.groups import destroy, init_distributed, init_model_parallel
 from megatron_emu.training import checkpointing as ckpt
-from megatron_emu.training import dir_lock, exit_status
+from megatron_emu.training import dir_lock, exit_status, logs
 from megatron_emu.training.evaluate import Evaluator, validation_due
 from megatron_emu.training.flops import step_flops
 from megatron_emu.training.metrics import MetricsWriter
@@ -55,14 +55,6 @@ class Progress:
     consecutive_skips: int = 0
 
 
-def _setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("megatron_emu").setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    for noisy in ("megatron.core", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.ERROR if rank else logging.WARNING)
-
-
 def _layout(cfg: EmuConfig, dp: int) -> dict:
     p = cfg.parallel
     return {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
@@ -74,7 +66,6 @@ class Trainer:
         self.cfg, self.lock = cfg, lock
         init_distributed(cfg.parallel.collective_timeout_s)
         self.rank = torch.distributed.get_rank()
-        _setup_logging(self.rank)
         self.pgs = init_model_parallel(cfg)
         self.dev = device.device()
         self.dp = torch.distributed.get_world_size(self.pgs.dp)
@@ -177,8 +168,9 @@ class Trainer:
                      else {"auto": "torch SDPA", "sdpa": "torch SDPA",
                            "unfused": "megatron-core unfused DotProductAttention"}[model.attention_backend])
         kernels = fusion_plan(model.transformer_impl, device.has_cuda())
-        log.info("kernels: attention: %s; %s", attention,
-                 "; ".join(f"{name}: {f.how}" for name, f in kernels.items()))
+        hows = {f.how for f in kernels.values()}
+        fused = next(iter(hows)) if len(hows) == 1 else "; ".join(f"{k}: {f.how}" for k, f in kernels.items())
+        log.info("kernels: attention: %s; fusions: %s", attention, fused)
 
     def resume_or_init(self) -> None:
         ck = self.cfg.checkpoint
@@ -360,13 +352,15 @@ def _memory_gib() -> float | None:
         return None
 
 
-def train(cfg: EmuConfig, signals: StopSignals | None = None) -> int:
+def train(cfg: EmuConfig, signals: StopSignals | None = None, verbose: bool = False) -> int:
     """Run the job on this rank; returns the exit code. Every failure leaves
-    ``run.dir/exit_status.json`` with its reason (unexpected errors are then re-raised)."""
+    ``run.dir/exit_status.json`` with its reason (unexpected errors are then re-raised).
+    ``verbose``: every library notice as printed (default: known ones said once,
+    ``training/logs.py``)."""
     trainer = lock = None
     try:
         init_distributed(cfg.parallel.collective_timeout_s)
-        _setup_logging(torch.distributed.get_rank())
+        logs.setup(torch.distributed.get_rank(), verbose)
         if cfg.checkpoint.dir:  # before anything is written: one job per checkpoint.dir
             lock = dir_lock.acquire(cfg.checkpoint.dir)
         trainer = Trainer(cfg, lock, signals)
