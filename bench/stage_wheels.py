@@ -64,6 +64,17 @@ def download(stage: Path, only: list[str]) -> None:
                             pin], check=True)
 
 
+def find_python312() -> str:
+    """A Python 3.12 that runs (pyenv's shims exist without a selected version, so try each)."""
+    import glob
+
+    for candidate in [*sorted(glob.glob("/root/.pyenv/versions/3.12*/bin/python3.12")),
+                      shutil.which("python3.12")]:
+        if candidate and subprocess.run([candidate, "-c", "pass"], capture_output=True).returncode == 0:
+            return candidate
+    raise SystemExit("build-te: no working Python 3.12 found; pass --python312 PATH")
+
+
 def build_te_torch(stage: Path, python312: str) -> None:
     """gpu_path.md's recipe: a cp312 venv with torch 2.11.0 (+cu130 from PyPI) and the CUDA
     headers torch's wheels leave out; TE's torch extension is host C++ resolved at run time."""
@@ -158,7 +169,7 @@ def main() -> int:
     p.add_argument("dirs", nargs="*", type=Path, help="assemble: folders holding the parts")
     p.add_argument("--stage", type=Path, default=Path(".whl/stage"))
     p.add_argument("--only", default="mcore,te,dali")
-    p.add_argument("--python312", default=shutil.which("python3.12") or "/root/.pyenv/versions/3.12.1/bin/python3.12")
+    p.add_argument("--python312", default=None, help="a Python 3.12 interpreter (default: the first that runs)")
     p.add_argument("--part-mib", type=int, default=55)
     p.add_argument("--call-mib", type=int, default=60)
     p.add_argument("--out", type=Path, default=Path("/tmp/wheels"))
@@ -166,7 +177,7 @@ def main() -> int:
     if args.command == "download":
         download(args.stage, args.only.split(","))
     elif args.command == "build-te":
-        build_te_torch(args.stage, args.python312)
+        build_te_torch(args.stage, args.python312 or find_python312())
     elif args.command == "pack":
         m = pack(args.stage, args.part_mib, args.call_mib)
         for g, names in enumerate(m["groups"], 1):
