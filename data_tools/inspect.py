@@ -18,7 +18,7 @@ from PIL import Image
 
 from data_tools.sources.tars import TarScan
 from megatron_emu.data import shard_format as sf
-from megatron_emu.data import special_tokens as st
+from megatron_emu.contracts import vocab as st
 from megatron_emu.data.tokenizer import Emu2Tokenizer
 
 

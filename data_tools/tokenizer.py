@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from megatron_emu.data import special_tokens as st
+from megatron_emu.contracts import vocab as st
 from megatron_emu.data.tokenizer import ADDED_TOKENS_FILE, MODEL_FILE, Emu2Tokenizer
 
 log = logging.getLogger("megatron_emu.data_tools.tokenizer")

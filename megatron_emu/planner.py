@@ -16,11 +16,11 @@ model at several layouts). Memory is an estimate:
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 from megatron_emu.config import derived
 from megatron_emu.config.schema import EmuConfig
+from megatron_emu.contracts import params
 from megatron_emu.utils import units
 
 GIB = 2**30
@@ -67,13 +67,6 @@ def components(cfg: EmuConfig) -> list[Component]:
     ]
 
 
-def _frozen(name: str, patterns: list[str]) -> bool:
-    prefix = {"vision": "vision.x", "adapter": "adapter.x", "embedding": "embedding.x",
-              "lm_head": "heads.output_layer.x", "regression_head": "heads.project_down.x",
-              "lm_final_norm": "decoder.final_layernorm.x", "lm_layers": "decoder.layers.0.x"}[name]
-    return any(fnmatch.fnmatchcase(prefix, p) for p in patterns)
-
-
 def plan(cfg: EmuConfig, data_parallel_size: int | None = None) -> dict:
     """The dry-run report as a JSON-ready dict."""
     par, tr = cfg.parallel, cfg.train
@@ -90,13 +83,13 @@ def plan(cfg: EmuConfig, data_parallel_size: int | None = None) -> dict:
         per_stage[c.stage] += c.params
         local = c.tp_sharded / tp + (c.params - c.tp_sharded)
         per_rank[c.stage] += local
-        if _frozen(c.name, tr.freeze):
+        if params.whole_family_frozen(c.name, tr.freeze):
             frozen_rank[c.stage] += local
     for s, layers in enumerate(stages):
         per_stage[s] += len(layers) * layer_total
         local = len(layers) * (layer_sharded / tp + layer_total - layer_sharded)
         per_rank[s] += local
-        if _frozen("lm_layers", tr.freeze):
+        if params.whole_family_frozen("lm_layers", tr.freeze):
             frozen_rank[s] += local
     wbytes = 2 if cfg.model.params_dtype == "bfloat16" else 4
     opt_div = dp if par.use_distributed_optimizer else 1
@@ -108,7 +101,7 @@ def plan(cfg: EmuConfig, data_parallel_size: int | None = None) -> dict:
     vit_tokens = b * cfg.data.max_images_per_sequence * derived.vision_seq_length(v)
     vit_coef = {None: 34 + 5 * v.num_heads * derived.vision_seq_length(v) / v.width,
                 "selective": 34, "full": 2}[tr.recompute_granularity]
-    vit_act = 0.0 if _frozen("vision", tr.freeze) else vit_tokens * v.width * vit_coef / sp_div * v.num_layers
+    vit_act = 0.0 if params.whole_family_frozen("vision", tr.freeze) else vit_tokens * v.width * vit_coef / sp_div * v.num_layers
     memory = []
     for s in range(pp):
         trainable = per_rank[s] - frozen_rank[s]

@@ -27,16 +27,6 @@ def vision_seq_length(vision: VisionConfig) -> int:
     return patch_grid(vision) ** 2 + 1
 
 
-def pool_kernel(vision: VisionConfig, n_query: int) -> int:
-    """Average-pool kernel = stride: 32 // sqrt(64) = 4 for Emu2."""
-    return patch_grid(vision) // math.isqrt(n_query)
-
-
-def tokens_per_image(n_query: int) -> int:
-    """``[IMG]`` + ``<image>`` x n_query + ``[/IMG]``."""
-    return n_query + 2
-
-
 def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
     return world_size // (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size)
 

@@ -3,7 +3,6 @@ group starts. Each message names the dotted field(s) it is about."""
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import re
 from typing import Optional
@@ -11,7 +10,8 @@ from typing import Optional
 from megatron_emu.config import derived
 from megatron_emu.config.io import ConfigError
 from megatron_emu.config.schema import EmuConfig
-from megatron_emu.data import special_tokens
+from megatron_emu.contracts import image_layout, params
+from megatron_emu.contracts import vocab as special_tokens
 
 
 def _positive(errors: list[str], cfg: EmuConfig) -> None:
@@ -90,9 +90,9 @@ def _lm(errors: list[str], cfg: EmuConfig) -> None:
     if seq > lm.max_position_embeddings:
         errors.append(f"train.seq_length ({seq}) exceeds model.lm.max_position_embeddings "
                       f"({lm.max_position_embeddings})")
-    if seq < derived.tokens_per_image(cfg.model.adapter.n_query) + 2:
+    if seq < image_layout.tokens_per_image(cfg.model.adapter.n_query) + 2:
         errors.append(f"train.seq_length ({seq}) cannot hold one image "
-                      f"({derived.tokens_per_image(cfg.model.adapter.n_query)} tokens) plus <s> and </s>")
+                      f"({image_layout.tokens_per_image(cfg.model.adapter.n_query)} tokens) plus <s> and </s>")
     for i, name in enumerate(cfg.model.loss.ce_ignore_tokens):
         if name not in special_tokens.TOKEN_IDS:
             errors.append(f"model.loss.ce_ignore_tokens[{i}]: unknown special token {name!r}")
@@ -196,7 +196,7 @@ def _train(errors: list[str], cfg: EmuConfig) -> None:
     if cfg.model.transformer_impl == "transformer_engine" and cfg.model.attention_backend != "auto":
         errors.append(f"model.attention_backend={cfg.model.attention_backend} applies to the local spec; "
                       "transformer_impl: transformer_engine uses TE's fused attention (set auto)")
-    for name in ("vision", "adapter", "lm", "regression_head"):
+    for name in params.LR_GROUPS:
         value = getattr(tr.module_lr, name)
         if value is not None and value <= 0:
             errors.append(f"train.module_lr.{name}: must be positive, got {value}")
@@ -302,24 +302,14 @@ def _tokenizer_matches(name: str, meta_file, tokenizer: str) -> list[str]:
     return []
 
 
-# One representative parameter name per module family (the names are the same on every layout).
-FREEZABLE_NAMES = (
-    "vision.patch_embed.weight", "vision.cls_token", "vision.pos_embed",
-    "vision.blocks.layers.0.self_attention.linear_qkv.weight",
-    "adapter.project_up.weight", "embedding.word_embeddings.weight",
-    "decoder.layers.0.self_attention.linear_qkv.weight", "decoder.final_layernorm.weight",
-    "heads.output_layer.weight", "heads.project_down.weight",
-)
-
-
 def _freeze(errors: list[str], cfg: EmuConfig) -> None:
     for i, pattern in enumerate(cfg.train.freeze):
         if re.search(r"(^|\.)layers\.\d", pattern):
             errors.append(f"train.freeze[{i}] ({pattern!r}): layer indices are local to a pipeline "
                           f"stage; freeze whole modules (e.g. 'vision.*', 'embedding.*')")
-        elif not any(fnmatch.fnmatchcase(n, pattern) for n in FREEZABLE_NAMES):
+        elif not any(params.matches(pattern, n) for n in params.EXAMPLE_NAMES):
             errors.append(f"train.freeze[{i}] ({pattern!r}) matches no parameter; module prefixes "
-                          f"are vision, adapter, embedding, decoder, heads")
+                          f"are {', '.join(params.MODULES)}")
 
 
 def config_errors(cfg: EmuConfig, world_size: Optional[int] = None) -> list[str]:

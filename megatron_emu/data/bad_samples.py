@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 
 from PIL import Image
 
-from megatron_emu.data import special_tokens as st
+from megatron_emu.contracts import vocab as st
 from megatron_emu.data.shard_format import Document, split_key
 
 log = logging.getLogger("megatron_emu.data")

@@ -26,7 +26,8 @@ import torch
 from megatron_emu.contracts.batch import Emu2Batch, make_batch
 from megatron_emu.data import bad_samples as bad
 from megatron_emu.data import decode as dec
-from megatron_emu.data import special_tokens as st
+from megatron_emu.contracts import image_layout
+from megatron_emu.contracts import vocab as st
 from megatron_emu.data import shard_format as sf
 from megatron_emu.data.plan import BlendedPlan, PackingSpec
 from megatron_emu.data.sequence import build_sequence, image_first
@@ -105,7 +106,7 @@ class LoaderBatch:
         """The model's micro-batch on the host, every position precomputed (``contracts.batch``);
         pixels stay uint8 until the device normalises them."""
         return make_batch(self.tokens, self.labels, self.loss_mask, self.images,
-                          image_id=st.IMAGE_ID, ce_ignore_ids=ce_ignore_ids)
+                          image_id=image_layout.PLACEHOLDER_ID, ce_ignore_ids=ce_ignore_ids)
 
 
 class SequenceReader(torch.utils.data.Dataset):
@@ -257,13 +258,13 @@ class EmuDataLoader:
                                  f"`megatron-emu-data preprocess --image-size {spec.image_size}`")
             metas.append(meta)
             indexes.append(index)
-        pack = PackingSpec(seq_length=spec.seq_length, tokens_per_image=spec.n_query + 2,
+        pack = PackingSpec(seq_length=spec.seq_length, tokens_per_image=image_layout.tokens_per_image(spec.n_query),
                            max_images=spec.max_images, lookahead=spec.lookahead, seed=spec.seed,
                            split=spec.split, valid_fraction=spec.valid_fraction)
         identities = [dataset_fingerprint(m, len(ix)) for m, ix in zip(metas, indexes)]
         fingerprint = {
             "datasets": [f"{w:g}:{f}" for (w, _), f in zip(spec.paths, identities)],
-            "seq_length": spec.seq_length, "tokens_per_image": spec.n_query + 2,
+            "seq_length": spec.seq_length, "tokens_per_image": image_layout.tokens_per_image(spec.n_query),
             "max_images": spec.max_images, "seed": spec.seed, "lookahead": spec.lookahead,
             "image_first_prob": spec.image_first_prob}
         if spec.split != "all":

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_emu.data import special_tokens as st
+from megatron_emu.contracts import image_layout
+from megatron_emu.contracts import vocab as st
 from megatron_emu.data.shard_format import Document
 
 
@@ -57,7 +58,7 @@ def build_sequence(docs: list[tuple[Document, bool]], seq_length: int, n_query: 
     tokens: list[int] = []
     images: list = []
     boundaries: list[int] = []  # indices of </s> tokens followed by another document
-    per_image = n_query + 2
+    per_image = image_layout.tokens_per_image(n_query)
     for doc, first in docs:
         if len(tokens) >= cap:
             break
@@ -69,7 +70,7 @@ def build_sequence(docs: list[tuple[Document, bool]], seq_length: int, n_query: 
             if kind == "text":
                 tokens.extend(value[:room])
             elif per_image <= room and len(images) < max_images:
-                tokens += [st.IMG_ID] + [st.IMAGE_ID] * n_query + [st.IMG_END_ID]
+                tokens += image_layout.image_block(n_query)
                 images.append(value)
         if len(tokens) < cap:
             tokens.append(st.EOS_ID)
@@ -83,5 +84,5 @@ def build_sequence(docs: list[tuple[Document, bool]], seq_length: int, n_query: 
         if b < seq_length and inputs[b] == st.EOS_ID:
             loss_mask[b] = 0.0
     reg_mask = np.zeros(seq_length, dtype=bool)
-    reg_mask[:-1] = inputs[1:] == st.IMAGE_ID
+    reg_mask[:-1] = inputs[1:] == image_layout.PLACEHOLDER_ID
     return Sequence(inputs, labels, loss_mask, reg_mask, images, [d.key for d, _ in docs])

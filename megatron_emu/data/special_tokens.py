@@ -1,42 +1,29 @@
-"""The Emu2 special tokens and their ids (emu2_spec.md §1.6): the single source of these ids.
+"""Moved to ``megatron_emu.contracts.vocab`` (the vocabulary contract).
 
-The LLaMA SentencePiece model has 32000 pieces (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2); Emu2 adds
-``[PAD]`` and then 271 ``additional_special_tokens`` in this order, giving 32272 ids.
+This re-export stays only for ``megatron_emu/checkpoint/hf_config.py`` and
+``megatron_emu/inference/generate.py``, which are being changed by the Hugging Face conversion
+work at the same time; they switch to ``contracts.vocab`` in the follow-up, which deletes this
+file. Nothing else imports it (tests/unit/test_layering.py).
 """
 
-from __future__ import annotations
-
-LLAMA_VOCAB_SIZE = 32000
-UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
-
-PAD = "[PAD]"
-IMG = "[IMG]"
-IMG_END = "[/IMG]"
-IMAGE = "<image>"
-GIMG = "[gIMG]"
-
-_NAMED = [
-    IMG, IMG_END, IMAGE, GIMG, "[/gIMG]", "[EOC]", "[VIDEO]", "<grounding>",
-    "<phrase>", "</phrase>", "<object>", "</object>", "</delimiter_of_multi_objects/>", "<REC>",
-]
-ADDITIONAL_SPECIAL_TOKENS: list[str] = _NAMED + [f"<patch_index_{i:04d}>" for i in range(257)]
-CHAT_TOKENS = ["[USER]", "[ASSISTANT]"]
-
-# Added tokens in id order, starting at 32000.
-ADDED_TOKENS: list[str] = [PAD] + ADDITIONAL_SPECIAL_TOKENS
-TOKEN_IDS: dict[str, int] = {tok: LLAMA_VOCAB_SIZE + i for i, tok in enumerate(ADDED_TOKENS)}
-TOKEN_IDS.update({"<unk>": UNK_ID, "<s>": BOS_ID, "</s>": EOS_ID})
-EMU2_VOCAB_SIZE = LLAMA_VOCAB_SIZE + len(ADDED_TOKENS)  # 32272
-
-PAD_ID = TOKEN_IDS[PAD]
-IMG_ID = TOKEN_IDS[IMG]
-IMG_END_ID = TOKEN_IDS[IMG_END]
-IMAGE_ID = TOKEN_IDS[IMAGE]
-
-
-def token_id(name: str) -> int:
-    """Id of a special token by name; raises ``KeyError`` naming the unknown token."""
-    try:
-        return TOKEN_IDS[name]
-    except KeyError:
-        raise KeyError(f"unknown special token {name!r}") from None
+from megatron_emu.contracts.vocab import (  # noqa: F401
+    ADDED_TOKENS,
+    ADDITIONAL_SPECIAL_TOKENS,
+    BOS_ID,
+    CHAT_TOKENS,
+    EMU2_VOCAB_SIZE,
+    EOS_ID,
+    GIMG,
+    IMAGE,
+    IMAGE_ID,
+    IMG,
+    IMG_END,
+    IMG_END_ID,
+    IMG_ID,
+    LLAMA_VOCAB_SIZE,
+    PAD,
+    PAD_ID,
+    TOKEN_IDS,
+    UNK_ID,
+    token_id,
+)

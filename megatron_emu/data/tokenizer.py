@@ -2,7 +2,7 @@
 
 A tokenizer directory (written by ``megatron-emu-data tokenizer``) has the Hugging Face layout:
 ``tokenizer.model``, ``tokenizer_config.json``, ``special_tokens_map.json`` and
-``added_tokens.json``. Special tokens keep the exact ids of ``special_tokens.py`` (``[PAD]`` 32000,
+``added_tokens.json``. Special tokens keep the exact ids of ``contracts/vocab.py`` (``[PAD]`` 32000,
 ``[IMG]`` 32001, ...). Text never produces them: ``encode`` hands the whole string to
 SentencePiece, so a literal ``<image>`` or ``[IMG]`` in web text becomes ordinary pieces; only
 sequence assembly places the special ids (around real images).
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from megatron_emu.data import special_tokens as st
+from megatron_emu.contracts import vocab as st
 
 MODEL_FILE = "tokenizer.model"
 ADDED_TOKENS_FILE = "added_tokens.json"

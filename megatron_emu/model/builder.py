@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 
 import torch
 from megatron.core.enums import ModelType
@@ -11,6 +10,7 @@ from megatron.core.pipeline_parallel.utils import is_vp_first_stage, is_vp_last_
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_emu.config.schema import EmuConfig
+from megatron_emu.contracts import params
 from megatron_emu.model.emu2 import Emu2Model
 
 
@@ -42,14 +42,13 @@ def build_model_chunks(cfg: EmuConfig, pgs: ProcessGroupCollection, meta: bool =
 def apply_freeze(chunks: list[torch.nn.Module], patterns: list[str]) -> list[str]:
     """Freeze parameters whose name matches a glob (``vision.*``); returns the frozen names.
 
-    Module names are the same on every layout (``vision.*``, ``adapter.*``, ``embedding.*``,
-    ``decoder.*``, ``heads.*``); the config validator rejects patterns that match nothing and
-    stage-local layer indices.
+    Names are the same on every layout (``contracts/params.py``); the config validator rejects
+    patterns that match nothing and stage-local layer indices.
     """
     frozen = []
     for chunk in chunks:
         for name, param in chunk.named_parameters():
-            if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            if any(params.matches(p, name) for p in patterns):
                 param.requires_grad_(False)
                 frozen.append(name)
     return frozen

@@ -27,7 +27,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock, get_nu
 from megatron_emu.config import derived
 from megatron_emu.config.schema import EmuConfig
 from megatron_emu.contracts.batch import Emu2Batch, make_batch
-from megatron_emu.data import special_tokens
+from megatron_emu.contracts import image_layout
 from megatron_emu.model import multimodal, specs
 from megatron_emu.model.adapter import Adapter, pool_patches
 from megatron_emu.model.embedding import make_sync_free
@@ -42,7 +42,7 @@ from megatron_emu.model.vision import VisionEncoder
 
 def max_visual_tokens(cfg: EmuConfig) -> int:
     """Capacity of visual embeddings per sample carried between stages."""
-    fit = cfg.train.seq_length // derived.tokens_per_image(cfg.model.adapter.n_query)
+    fit = cfg.train.seq_length // image_layout.tokens_per_image(cfg.model.adapter.n_query)
     return min(cfg.data.max_images_per_sequence, fit) * cfg.model.adapter.n_query
 
 
@@ -180,7 +180,7 @@ class Emu2Model(MegatronModule):
         if not (self.pre_process and self.post_process) or self.config.sequence_parallel:
             raise RuntimeError("forward_logits needs the whole model on one rank (TP1, PP1, no SP)")
         batch = make_batch(tokens.cpu(), tokens.cpu(), torch.ones_like(tokens, device="cpu"), None,
-                           image_id=special_tokens.IMAGE_ID, ce_ignore_ids=())
+                           image_id=image_layout.PLACEHOLDER_ID, ce_ignore_ids=())
         batch = batch.to(tokens.device)
         batch.images = images
         hidden, _ = self._embed(batch)

@@ -16,14 +16,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_emu.config.schema import EmuConfig
-
-# Parameter-name globs of each module (names as seen through the DDP wrapper: "module.<...>").
-MODULE_PARAMS = {
-    "vision": ("*vision.*",),
-    "adapter": ("*adapter.*",),
-    "lm": ("*embedding.*", "*decoder.*", "*heads.output_layer.*"),
-    "regression_head": ("*heads.project_down.*",),
-}
+from megatron_emu.contracts import params
 
 
 def optimizer_config(cfg: EmuConfig) -> OptimizerConfig:
@@ -45,10 +38,10 @@ def param_group_overrides(cfg: EmuConfig, config: OptimizerConfig) -> dict:
 
     overrides = dict(get_standard_config_overrides(config=config) or {})
     ratio = cfg.train.min_lr / cfg.train.lr
-    for module, globs in MODULE_PARAMS.items():
+    for module in params.LR_GROUPS:
         lr = getattr(cfg.train.module_lr, module)
-        if lr is not None:
-            overrides[ParamKey(name=globs)] = {"max_lr": lr, "min_lr": lr * ratio}
+        if lr is not None:  # names as seen through the DDP wrapper: "module.<name>"
+            overrides[ParamKey(name=params.lr_globs(module))] = {"max_lr": lr, "min_lr": lr * ratio}
     return overrides
 
 

@@ -12,7 +12,7 @@ import torch
 
 from megatron_emu.checkpoint.convert import ConversionError, hf_to_mcore, mcore_to_hf
 from megatron_emu.checkpoint.hf_config import emu2_config
-from megatron_emu.data import special_tokens as st
+from megatron_emu.contracts import vocab as st
 from tests.helpers import reference as ref
 from tests.helpers.dist import run_ranks
 from tests.helpers.hf_oracle import llama_logits_and_greedy

@@ -106,7 +106,7 @@ def _plan(rank: int, cfg, llama: str) -> tuple:
 def test_plan_covers_the_model_once_in_groups_no_larger_than_a_layer(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megatron_emu.data import special_tokens as st
+    from megatron_emu.contracts import vocab as st
 
     cfg = tiny_config()
     lm = cfg.model.lm

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_emu.data import special_tokens as st
+from megatron_emu.contracts import vocab as st
 from megatron_emu.data.decode import CLIP_MEAN, CLIP_STD, decode_pil
 from megatron_emu.data.loader import EmuDataLoader, LoaderSpec
 from megatron_emu.data.plan import BlendedPlan, PackingSpec

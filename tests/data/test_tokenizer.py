@@ -9,7 +9,7 @@ import pytest
 
 from data_tools.cli import main as data_cli
 from data_tools.tokenizer import build
-from megatron_emu.data import special_tokens as st
+from megatron_emu.contracts import vocab as st
 from megatron_emu.data.tokenizer import Emu2Tokenizer, TokenizerError
 
 LLAMA = Path(__file__).resolve().parents[3] / "shared" / "data" / "llama_tokenizer.model"

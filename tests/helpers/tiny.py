@@ -8,7 +8,7 @@ import torch
 
 from megatron_emu.config.io import load_config
 from megatron_emu.config.schema import EmuConfig
-from megatron_emu.data import special_tokens as st
+from megatron_emu.contracts import vocab as st
 from megatron_emu.contracts.batch import Emu2Batch, make_batch
 from tests.helpers.reference import RefConfig
 

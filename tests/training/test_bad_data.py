@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from megatron_emu.data import shard_format as sf
-from megatron_emu.data import special_tokens as st
+from megatron_emu.contracts import vocab as st
 from tests.data.test_bad_samples import jpeg_of_doc, patch
 from tests.helpers.datasets import preprocess
 from tests.helpers.dist import run_ranks

@@ -10,7 +10,7 @@ import yaml
 
 from megatron_emu.config.io import from_dict, load_config
 from megatron_emu.config.schema import LossConfig
-from megatron_emu.data import special_tokens
+from megatron_emu.contracts import vocab as special_tokens
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 EXPECTED = ["[PAD]", "[IMG]", "[/IMG]", "<image>"]

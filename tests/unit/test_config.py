@@ -16,6 +16,7 @@ from megatron_emu.cli.train import main as train_main
 from megatron_emu.config import derived
 from megatron_emu.config.io import ConfigError, apply_overrides, from_dict, load_config
 from megatron_emu.config.validate import config_errors, validate
+from megatron_emu.contracts import image_layout
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples/configs/emu2_tiny.yaml"
@@ -68,7 +69,7 @@ def test_37b_preset_matches_emu2_spec():
         17920, 1e-6, 10000.0, 2048)
     assert derived.padded_vocab_size(lm) == 32384
     assert derived.patch_grid(v) == 32
-    assert derived.pool_kernel(v, cfg.model.adapter.n_query) == 4
+    assert image_layout.tokens_per_image(cfg.model.adapter.n_query) == 66  # [IMG] + 64 <image> + [/IMG]
     assert derived.vision_seq_length(v) == 1025
 
 

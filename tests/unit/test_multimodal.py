@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_emu.contracts import batch
-from megatron_emu.data import special_tokens as st
+from megatron_emu.contracts import vocab as st
 from megatron_emu.model import multimodal
 from megatron_emu.model.adapter import pool_patches
 
