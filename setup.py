@@ -52,9 +52,10 @@ setup(
     include_package_data=True,
     install_requires=[
         "torch>=2.6",
-        # 0.16.1 is the last release installable on Python 3.11 (CI); newer releases need 3.12.
+        # The versions tested on each Python (megatron_emu/compat/version.py checks the range at
+        # start-up): 0.16.1 is the last release installable on Python 3.11 (CI); 0.19.2 on 3.12.
         "megatron-core==0.16.1; python_version < '3.12'",
-        "megatron-core>=0.16.1; python_version >= '3.12'",
+        "megatron-core==0.19.2; python_version >= '3.12'",
         "numpy<2.5",
         "packaging",
         "pillow",

@@ -28,13 +28,11 @@ sys.path.insert(0, str(ROOT))
 def _save_random(rank: int, cfg, out: str) -> None:
     from megatron.core import dist_checkpointing
 
-    from megatron_emu.model.builder import build_model_chunks
-    from megatron_emu.parallel.groups import init_distributed, init_model_parallel
+    from megatron_emu.training import build
     from dataclasses import asdict
 
-    init_distributed()
-    pgs = init_model_parallel(cfg)
-    chunks = build_model_chunks(cfg, pgs)
+    pgs = build.process_groups(cfg)
+    chunks = build.model_chunks(cfg, pgs)
     import torch
     if torch.distributed.get_rank() == 0:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -109,7 +109,9 @@ def _one_rank_group(device: str):
 
     import torch.distributed as dist
 
-    import megatron_emu.compat  # noqa: F401  (megatron-core on CPU)
+    from megatron_emu.compat import setup_process
+
+    setup_process(cpu=device != "cuda")  # megatron-core's CPU layer on the CPU
     if not dist.is_initialized():
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))

@@ -130,6 +130,10 @@ def _device_name() -> str:
 def _init_world() -> None:
     import torch.distributed as dist
 
+    from megatron_emu.compat import setup_process
+
+    setup_process()  # megatron-core's CPU layer when there is no GPU (--smoke)
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -56,13 +56,14 @@ def anchor_run(cfg, steps: int, warmup: int) -> dict:
     from megatron_emu.config import derived
     from megatron_emu.model import specs
     from megatron_emu.model.megatron_config import lm_transformer_config
-    from megatron_emu.parallel.groups import init_model_parallel
+    from megatron_emu.parallel.sizes import ParallelSizes
+    from megatron_emu.training import build
     from megatron_emu.training.optimizer import optimizer_config
     from megatron_emu.training.schedule import wrap_ddp
     from megatron_emu.utils import device
 
-    pgs = init_model_parallel(cfg)
-    config = lm_transformer_config(cfg)
+    pgs = build.process_groups(cfg)
+    config = lm_transformer_config(build.model_spec(cfg), ParallelSizes.from_groups(pgs))
     if cfg.model.transformer_impl == "transformer_engine":
         spec = specs.lm_layer_spec("transformer_engine")
     else:
@@ -75,8 +76,8 @@ def anchor_run(cfg, steps: int, warmup: int) -> dict:
                      position_embedding_type="rope", rotary_base=lm.rope_theta,
                      share_embeddings_and_output_weights=False, pg_collection=pgs)
     model.to(device.device())
-    ddp = wrap_ddp(cfg, [model], pgs)
-    opt_cfg = optimizer_config(cfg)
+    ddp = wrap_ddp(build.ddp_spec(cfg), [model], pgs)
+    opt_cfg = optimizer_config(build.optimizer_spec(cfg))
     optimizer = get_megatron_optimizer(opt_cfg, ddp, use_gloo_process_groups=False, pg_collection=pgs)
     b, s = cfg.train.micro_batch_size, cfg.train.seq_length
     n_micro = cfg.train.global_batch_size // b
@@ -123,6 +124,7 @@ def emu2_run(cfg, steps: int, warmup: int, repeat: int) -> dict:
     from megatron.core import parallel_state
 
     from megatron_emu.planner import plan
+    from megatron_emu.training.build import plan_spec
     from megatron_emu.training.loop import Trainer
 
     reset_memory()
@@ -132,7 +134,7 @@ def emu2_run(cfg, steps: int, warmup: int, repeat: int) -> dict:
     med = lambda k: statistics.median(r[k] for r in steady)  # noqa: E731
     out = {"step_time_s": med("step_time_s"), "data_wait_s": med("data_wait_s"),
            "images_per_step": med("images_per_s") * med("step_time_s"),
-           "memory_gib": peak_memory_gib(), "planner_gib": plan(cfg, 1)["memory_gib_per_gpu"],
+           "memory_gib": peak_memory_gib(), "planner_gib": plan(plan_spec(cfg, 1))["memory_gib_per_gpu"],
            "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"]}
     out.update(_components(trainer, cfg, round(out["images_per_step"]), repeat))
     trainer.close()

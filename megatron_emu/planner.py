@@ -19,11 +19,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_emu.config import derived
-from megatron_emu.config.schema import EmuConfig
 from megatron_emu.contracts import params
+from megatron_emu.model.spec import ModelSpec
 from megatron_emu.utils import units
 
 GIB = 2**30
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanSpec:
+    """The model and the layout asked for (a dry run has no process groups to read sizes from)."""
+
+    model: ModelSpec
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    micro_batch_size: int = 1
+    use_distributed_optimizer: bool = True
 
 
 @dataclass
@@ -34,8 +46,8 @@ class Component:
     stage: int  # pipeline rank holding it (-1: per-layer, see lm_layer)
 
 
-def _vision(cfg: EmuConfig) -> tuple[int, int]:
-    v = cfg.model.vision
+def _vision(spec: PlanSpec) -> tuple[int, int]:
+    v = spec.model.model.vision
     W, M, p = v.width, v.mlp_dim, v.patch_size
     stem = W * 3 * p * p + W + W + (derived.patch_grid(v) ** 2 + 1) * W
     block_sharded = 3 * W * W + 3 * W + W * W + W * M + M + M * W
@@ -43,8 +55,8 @@ def _vision(cfg: EmuConfig) -> tuple[int, int]:
     return stem + v.num_layers * (block_sharded + block_repl), v.num_layers * block_sharded
 
 
-def lm_layer_params(cfg: EmuConfig) -> tuple[int, int]:
-    lm = cfg.model.lm
+def lm_layer_params(spec: PlanSpec) -> tuple[int, int]:
+    lm = spec.model.model.lm
     H, F = lm.hidden_size, lm.ffn_hidden_size
     d = H // lm.num_attention_heads
     kv = (lm.num_query_groups or lm.num_attention_heads) * d
@@ -52,11 +64,11 @@ def lm_layer_params(cfg: EmuConfig) -> tuple[int, int]:
     return sharded + 2 * H, sharded
 
 
-def components(cfg: EmuConfig) -> list[Component]:
-    lm, v = cfg.model.lm, cfg.model.vision
+def components(spec: PlanSpec) -> list[Component]:
+    lm, v = spec.model.model.lm, spec.model.model.vision
     H, Vp, W = lm.hidden_size, derived.padded_vocab_size(lm), v.width
-    last = cfg.parallel.pipeline_model_parallel_size - 1
-    vis, vis_sharded = _vision(cfg)
+    last = spec.pp - 1
+    vis, vis_sharded = _vision(spec)
     return [
         Component("vision", vis, vis_sharded, 0),
         Component("adapter", W * H, W * H, 0),
@@ -67,15 +79,14 @@ def components(cfg: EmuConfig) -> list[Component]:
     ]
 
 
-def plan(cfg: EmuConfig, data_parallel_size: int | None = None) -> dict:
+def plan(spec: PlanSpec) -> dict:
     """The dry-run report as a JSON-ready dict."""
-    par, tr = cfg.parallel, cfg.train
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    dp = data_parallel_size or par.data_parallel_size or 1
-    lm = cfg.model.lm
-    layer_total, layer_sharded = lm_layer_params(cfg)
-    stages = derived.lm_layers_per_stage(lm.num_layers, par)
-    comps = components(cfg)
+    m = spec.model
+    tp, pp, dp, freeze = spec.tp, spec.pp, spec.dp, list(m.freeze)
+    lm = m.model.lm
+    layer_total, layer_sharded = lm_layer_params(spec)
+    stages = derived.lm_layers_per_stage(lm.num_layers, pp, m.virtual_pipeline, m.first_stage_layers)
+    comps = components(spec)
     per_stage = [0] * pp
     per_rank = [0.0] * pp  # parameters on one GPU of the stage
     frozen_rank = [0.0] * pp
@@ -83,25 +94,26 @@ def plan(cfg: EmuConfig, data_parallel_size: int | None = None) -> dict:
         per_stage[c.stage] += c.params
         local = c.tp_sharded / tp + (c.params - c.tp_sharded)
         per_rank[c.stage] += local
-        if params.whole_family_frozen(c.name, tr.freeze):
+        if params.whole_family_frozen(c.name, freeze):
             frozen_rank[c.stage] += local
     for s, layers in enumerate(stages):
         per_stage[s] += len(layers) * layer_total
         local = len(layers) * (layer_sharded / tp + layer_total - layer_sharded)
         per_rank[s] += local
-        if params.whole_family_frozen("lm_layers", tr.freeze):
+        if params.whole_family_frozen("lm_layers", freeze):
             frozen_rank[s] += local
-    wbytes = 2 if cfg.model.params_dtype == "bfloat16" else 4
-    opt_div = dp if par.use_distributed_optimizer else 1
-    s_len, b, H, a = tr.seq_length, tr.micro_batch_size, lm.hidden_size, lm.num_attention_heads
-    act_coef = {None: 34 + 5 * a * s_len / H, "selective": 34, "full": 2}[tr.recompute_granularity]
-    sp_div = tp if par.sequence_parallel else 1
+    wbytes = 2 if m.model.params_dtype == "bfloat16" else 4
+    opt_div = dp if spec.use_distributed_optimizer else 1
+    s_len, b, H, a = m.seq_length, spec.micro_batch_size, lm.hidden_size, lm.num_attention_heads
+    act_coef = {None: 34 + 5 * a * s_len / H, "selective": 34, "full": 2}[m.recompute_granularity]
+    sp_div = tp if m.sequence_parallel else 1
     layer_act = s_len * b * H * act_coef / sp_div * (wbytes / 2)
-    v = cfg.model.vision
-    vit_tokens = b * cfg.data.max_images_per_sequence * derived.vision_seq_length(v)
+    v = m.model.vision
+    vit_tokens = b * m.max_images_per_sequence * derived.vision_seq_length(v)
     vit_coef = {None: 34 + 5 * v.num_heads * derived.vision_seq_length(v) / v.width,
-                "selective": 34, "full": 2}[tr.recompute_granularity]
-    vit_act = 0.0 if params.whole_family_frozen("vision", tr.freeze) else vit_tokens * v.width * vit_coef / sp_div * v.num_layers
+                "selective": 34, "full": 2}[m.recompute_granularity]
+    vit_frozen = params.whole_family_frozen("vision", freeze)
+    vit_act = 0.0 if vit_frozen else vit_tokens * v.width * vit_coef / sp_div * v.num_layers
     memory = []
     for s in range(pp):
         trainable = per_rank[s] - frozen_rank[s]
@@ -117,8 +129,8 @@ def plan(cfg: EmuConfig, data_parallel_size: int | None = None) -> dict:
             "activations": act / GIB, "total": (weights + grads + optim + act) / GIB,
         })
     return {
-        "layout": {"tp": tp, "pp": pp, "dp": dp, "vpp": par.virtual_pipeline_model_parallel_size,
-                   "sequence_parallel": par.sequence_parallel, "gpus": tp * pp * dp},
+        "layout": {"tp": tp, "pp": pp, "dp": dp, "vpp": m.virtual_pipeline,
+                   "sequence_parallel": m.sequence_parallel, "gpus": tp * pp * dp},
         "total_params": sum(per_stage),
         "params_per_component": {c.name: c.params for c in comps} | {"lm_layers": lm.num_layers * layer_total},
         "params_per_stage": per_stage,

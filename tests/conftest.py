@@ -11,6 +11,14 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_configure(config):
+    """Like every entry point: megatron-core's CPU layer on a machine without CUDA, before any
+    test module imports megatron-core (the forked ranks inherit it)."""
+    from megatron_emu.compat import setup_process
+
+    setup_process()
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

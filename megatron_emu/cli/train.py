@@ -150,8 +150,9 @@ def _main(args, argv: list[str], signals) -> int:
         return 0
     if args.dry_run:
         from megatron_emu.planner import format_plan, plan
+        from megatron_emu.training.build import plan_spec
 
-        report = plan(cfg)
+        report = plan(plan_spec(cfg))
         print(json.dumps(report, indent=2) if args.json else format_plan(report))
         return 0
     from megatron_emu.config.validate import data_path_errors
@@ -159,6 +160,13 @@ def _main(args, argv: list[str], signals) -> int:
     errors = data_path_errors(cfg)
     if errors:
         return 2 if quiet else _fail(errors)
+    from megatron_emu.compat import setup_process
+    from megatron_emu.compat.version import UnsupportedMegatronError
+
+    try:
+        setup_process()  # before megatron-core is imported: the CPU layer on a machine without CUDA
+    except UnsupportedMegatronError as e:
+        return 2 if quiet else _fail([str(e)])
     from megatron_emu.training.loop import train
 
     rc = train(cfg, signals, verbose=args.verbose)

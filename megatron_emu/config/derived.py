@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
-from megatron_emu.config.schema import EmuConfig, LMConfig, ParallelConfig, VisionConfig
+from megatron_emu.config.schema import EmuConfig, LMConfig, VisionConfig
 
 
 def padded_vocab_size(lm: LMConfig) -> int:
@@ -27,24 +28,20 @@ def vision_seq_length(vision: VisionConfig) -> int:
     return patch_grid(vision) ** 2 + 1
 
 
-def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
-    return world_size // (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size)
-
-
 def num_microbatches(cfg: EmuConfig, dp: int) -> int:
     """Micro-batches per optimizer step on each data-parallel rank."""
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
 
 
-def lm_layers_per_stage(lm_layers: int, parallel: ParallelConfig) -> list[list[int]]:
+def lm_layers_per_stage(lm_layers: int, pp: int, vpp: Optional[int] = None,
+                        first: Optional[int] = None) -> list[list[int]]:
     """Global LM layer indices held by each pipeline rank (all virtual chunks of a rank).
 
     Returns ``stages[p]`` = sorted layer indices of pipeline rank ``p``. Virtual pipeline
-    chunk ``v`` of rank ``p`` holds model chunk ``v * pp + p`` (Megatron's interleaving).
+    chunk ``v`` of rank ``p`` holds model chunk ``v * pp + p`` (Megatron's interleaving);
+    ``first``: LM layers of the first stage (None: an even split).
     """
-    pp = parallel.pipeline_model_parallel_size
-    vpp = parallel.virtual_pipeline_model_parallel_size or 1
-    first = parallel.num_layers_in_first_pipeline_stage
+    vpp = vpp or 1
     if pp == 1:
         return [list(range(lm_layers))]
     if first is not None:

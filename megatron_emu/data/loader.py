@@ -23,11 +23,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_emu.contracts import image_layout
 from megatron_emu.contracts.batch import Emu2Batch, make_batch
 from megatron_emu.data import bad_samples as bad
 from megatron_emu.data import decode as dec
-from megatron_emu.contracts import image_layout
-from megatron_emu.contracts import vocab as st
 from megatron_emu.data import shard_format as sf
 from megatron_emu.data.plan import BlendedPlan, PackingSpec
 from megatron_emu.data.sequence import build_sequence, image_first
@@ -49,6 +48,8 @@ def parse_paths(entries: list[str]) -> list[tuple[float, str]]:
 
 @dataclass(frozen=True)
 class LoaderSpec:
+    """What the loader reads and how (the composition root, ``training/build.py``, makes it)."""
+
     paths: tuple  # ((weight, dir), ...)
     seq_length: int
     n_query: int
@@ -70,24 +71,6 @@ class LoaderSpec:
     # "all" documents, or the "train" / "valid" side of data.valid_fraction (plan.in_valid_split).
     split: str = "all"
     valid_fraction: float = 0.0
-
-    @classmethod
-    def from_config(cls, cfg, dp_rank: int = 0, dp_size: int = 1, decode_images: bool = True,
-                    validation: bool = False) -> "LoaderSpec":
-        """The training data, or with ``validation`` the held-out data: ``data.valid_path``, or
-        the "valid" side of ``data.valid_fraction`` of ``data.path``."""
-        d = cfg.data
-        paths = d.valid_path if validation and d.valid_path else d.path
-        split = "all" if not d.valid_fraction else ("valid" if validation else "train")
-        return cls(paths=tuple(parse_paths(paths)), split=split, valid_fraction=d.valid_fraction,
-                   seq_length=cfg.train.seq_length,
-                   n_query=cfg.model.adapter.n_query, image_size=cfg.model.vision.image_size,
-                   micro_batch_size=cfg.train.micro_batch_size, max_images=d.max_images_per_sequence,
-                   dp_rank=dp_rank, dp_size=dp_size, num_workers=d.num_workers, seed=cfg.train.seed,
-                   decoder=d.decoder, image_first_prob=d.pair_image_first_prob,
-                   lookahead=d.packing_lookahead, decode_images=decode_images,
-                   max_consecutive_bad=d.max_consecutive_bad_samples,
-                   ce_ignore_ids=tuple(st.token_id(t) for t in cfg.model.loss.ce_ignore_tokens))
 
 
 @dataclass

@@ -13,7 +13,6 @@ Intermediate stages run their layers on the ``hidden`` rows and pass ``extra`` t
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -25,9 +24,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock, get_num_layers_to_build
 
 from megatron_emu.config import derived
-from megatron_emu.config.schema import EmuConfig
-from megatron_emu.contracts.batch import Emu2Batch, make_batch
 from megatron_emu.contracts import image_layout
+from megatron_emu.contracts.batch import Emu2Batch, make_batch
 from megatron_emu.model import multimodal, specs
 from megatron_emu.model.adapter import Adapter, pool_patches
 from megatron_emu.model.embedding import make_sync_free
@@ -37,52 +35,38 @@ from megatron_emu.model.megatron_config import (
     vision_transformer_config,
     with_overrides,
 )
+from megatron_emu.model.spec import ModelSpec, extra_rows
 from megatron_emu.model.vision import VisionEncoder
-
-
-def max_visual_tokens(cfg: EmuConfig) -> int:
-    """Capacity of visual embeddings per sample carried between stages."""
-    fit = cfg.train.seq_length // image_layout.tokens_per_image(cfg.model.adapter.n_query)
-    return min(cfg.data.max_images_per_sequence, fit) * cfg.model.adapter.n_query
-
-
-def extra_rows(cfg: EmuConfig) -> int:
-    """Rows ``e`` of the ``[e, b, h]`` target payload appended to the pipeline activation."""
-    if cfg.parallel.pipeline_model_parallel_size == 1:
-        return 0
-    per_sample = max_visual_tokens(cfg) * cfg.model.vision.width
-    return math.ceil(per_sample / cfg.model.lm.hidden_size)
-
-
-def p2p_seq_length(cfg: EmuConfig) -> int:
-    """The ``seq_length`` to give megatron-core's schedules (it divides it by TP under SP)."""
-    tp = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
-    return cfg.train.seq_length + extra_rows(cfg) * tp
+from megatron_emu.parallel.sizes import ParallelSizes
 
 
 class Emu2Model(MegatronModule):
     """One pipeline chunk. ``forward(batch) ->`` the stage output (payload ``[s(/tp)+e, b, h]``)
-    or, on the last stage, ``{"loss", "lm_loss", "reg_loss"}`` scalars of the micro-batch."""
+    or, on the last stage, ``{"loss", "lm_loss", "reg_loss"}`` scalars of the micro-batch.
 
-    def __init__(self, cfg: EmuConfig, pg_collection: ProcessGroupCollection,
+    Built from its ``ModelSpec`` and the process groups, which give the parallel sizes."""
+
+    def __init__(self, spec: ModelSpec, pg_collection: ProcessGroupCollection,
                  pre_process: bool, post_process: bool, vp_stage: Optional[int] = None):
-        lm_config = lm_transformer_config(cfg)
+        sizes = ParallelSizes.from_groups(pg_collection)
+        lm_config = lm_transformer_config(spec, sizes)
         super().__init__(config=lm_config)
-        self.cfg = cfg
+        self.spec = spec
         self.pg_collection = pg_collection
+        self.tp = sizes.tp
         self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
         self.model_type = None  # set by the builder (megatron ModelType.encoder_or_decoder)
         # Untied embeddings (LLaMA): megatron-core's finalize_model_grads asks.
         self.share_embeddings_and_output_weights = False
-        self.extra_rows = extra_rows(cfg)
-        impl = cfg.model.transformer_impl
-        lm = cfg.model.lm
+        self.extra_rows = extra_rows(spec, sizes.pp)
+        model = spec.model
+        impl, lm = model.transformer_impl, model.lm
         self.input_tensor: Optional[torch.Tensor] = None
         if pre_process:
-            self.vision = VisionEncoder(vision_transformer_config(cfg), cfg.model.vision, impl,
-                                        pg_collection, cfg.model.attention_backend)
+            self.vision = VisionEncoder(vision_transformer_config(spec, sizes), model.vision, impl,
+                                        pg_collection, model.attention_backend)
             self.adapter = Adapter(with_overrides(lm_config, sequence_parallel=False),
-                                   cfg.model.vision.width, lm.hidden_size, pg_collection)
+                                   model.vision.width, lm.hidden_size, pg_collection)
             self.embedding = LanguageModelEmbedding(
                 config=lm_config, vocab_size=derived.padded_vocab_size(lm),
                 max_sequence_length=lm.max_position_embeddings, position_embedding_type="rope",
@@ -93,19 +77,19 @@ class Emu2Model(MegatronModule):
             kv_channels=lm_config.kv_channels, rotary_percent=1.0, rotary_interleaved=False,
             rotary_base=lm.rope_theta, use_cpu_initialization=True,
         )
-        pp_rank = torch.distributed.get_rank(pg_collection.pp)
-        n_layers = get_num_layers_to_build(lm_config, vp_stage=vp_stage, pp_rank=pp_rank)
+        n_layers = get_num_layers_to_build(lm_config, vp_stage=vp_stage, pp_rank=sizes.pp_rank)
         self.decoder = TransformerBlock(
             config=lm_config,
-            spec=specs.block_spec(specs.lm_layer_spec(impl, cfg.model.attention_backend), n_layers, impl, post_process),
+            spec=specs.block_spec(specs.lm_layer_spec(impl, model.attention_backend), n_layers, impl, post_process),
             post_layer_norm=True, pre_process=True, post_process=post_process,
             pg_collection=pg_collection, vp_stage=vp_stage,
         )
         if post_process:
             self.heads = Emu2Heads(lm_config, lm.vocab_size, derived.padded_vocab_size(lm),
-                                   cfg.model.vision.width, pg_collection,
-                                   lm_ce_impl=cfg.model.loss.lm_ce_impl,
-                                   regression_impl=cfg.model.loss.regression_impl)
+                                   model.vision.width, pg_collection,
+                                   lm_ce_impl=model.loss.lm_ce_impl,
+                                   regression_impl=model.loss.regression_impl)
+        specs.bind_tp_group(self, pg_collection.tp)
 
     # -- pipeline plumbing -------------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -121,7 +105,7 @@ class Emu2Model(MegatronModule):
         if flat.numel() > capacity:
             raise ValueError(
                 f"micro-batch has {targets.shape[0]} visual tokens; the pipeline carries at most "
-                f"{capacity // self.cfg.model.vision.width} (raise data.max_images_per_sequence)")
+                f"{capacity // self.spec.model.vision.width} (raise data.max_images_per_sequence)")
         return torch.nn.functional.pad(flat, (0, capacity - flat.numel())).view(self.extra_rows, b, h)
 
     def _split_payload(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,13 +120,13 @@ class Emu2Model(MegatronModule):
         """
         frozen = not any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            feats = pool_patches(self.vision(images), self.cfg.model.adapter.n_query)
+            feats = pool_patches(self.vision(images), self.spec.model.adapter.n_query)
         return feats.reshape(-1, feats.shape[-1])
 
     def _embed(self, batch: Emu2Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """First stage: ``[s(/tp), b, h]`` input embeddings and ``[N, width]`` visual features."""
         emb = self.embedding(input_ids=batch.tokens, position_ids=None)  # [s, b, h]
-        width = self.cfg.model.vision.width
+        width = self.spec.model.vision.width
         if batch.num_images > 0:
             feats = self.encode_images(batch.images)
             visual = self.adapter(feats)
@@ -160,7 +144,7 @@ class Emu2Model(MegatronModule):
             hidden, feats = self._embed(batch)
         else:
             hidden, tail = self._split_payload(self.input_tensor)
-        sp = self.cfg.parallel.tensor_model_parallel_size if self.config.sequence_parallel else 1
+        sp = self.tp if self.config.sequence_parallel else 1
         rotary = self.rotary_pos_emb(hidden.shape[0] * sp)  # RoPE over the full sequence
         hidden = self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary)
         if not self.post_process:
@@ -168,7 +152,7 @@ class Emu2Model(MegatronModule):
                 tail = self._pack_targets(feats, hidden.shape[1], hidden.shape[2], hidden.dtype)
             return torch.cat([hidden, tail], dim=0)  # intermediate stages pass the tail through
         if tail is not None:  # the capacity rows of the payload, zero past the real ones
-            width = self.cfg.model.vision.width
+            width = self.spec.model.vision.width
             flat = tail.reshape(-1)
             feats = flat[: flat.numel() // width * width].view(-1, width)
         return self.losses(hidden, batch, feats.detach())
@@ -187,13 +171,13 @@ class Emu2Model(MegatronModule):
         hidden = self.decoder(hidden_states=hidden, attention_mask=None,
                               rotary_pos_emb=self.rotary_pos_emb(hidden.shape[0]))
         logits = self.heads.logits(hidden)  # [s, b, V_padded]
-        return logits[..., : self.cfg.model.lm.vocab_size].transpose(0, 1).contiguous()
+        return logits[..., : self.spec.model.lm.vocab_size].transpose(0, 1).contiguous()
 
     def losses(self, hidden: torch.Tensor, batch: Emu2Batch,
                features: torch.Tensor) -> dict[str, torch.Tensor]:
         """Last stage: final hidden ``[s(/tp), b, h]`` and the visual features ``[>=N, width]``
         -> scalar losses of the micro-batch."""
-        loss_cfg = self.cfg.model.loss
+        loss_cfg = self.spec.model.loss
         lm_loss = self.heads.lm_loss(hidden, batch.labels, batch.ce_mask)
         targets = features.index_select(0, batch.reg_features)  # [R, width]
         reg_loss = self.heads.regression_loss(hidden, batch.reg_rows, targets)

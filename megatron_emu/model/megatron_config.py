@@ -1,4 +1,5 @@
-"""Our typed config -> megatron-core ``TransformerConfig`` for each tower (pure functions)."""
+"""The model spec -> megatron-core ``TransformerConfig`` for each tower (pure functions; the
+parallel sizes come from the process groups, ``parallel.sizes``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_emu.config.schema import EmuConfig
+from megatron_emu.model.spec import ModelSpec
+from megatron_emu.parallel.sizes import ParallelSizes
 from megatron_emu.utils import device
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -43,14 +45,14 @@ def fusion_plan(impl: str, has_cuda: bool) -> dict[str, Fusion]:
     }
 
 
-def _common(cfg: EmuConfig) -> dict:
-    par, dtype = cfg.parallel, _DTYPES[cfg.model.params_dtype]
-    plan = fusion_plan(cfg.model.transformer_impl, device.has_cuda())
-    recompute = cfg.train.recompute_granularity
+def _common(spec: ModelSpec, sizes: ParallelSizes) -> dict:
+    dtype = _DTYPES[spec.model.params_dtype]
+    plan = fusion_plan(spec.model.transformer_impl, device.has_cuda())
+    recompute = spec.recompute_granularity
     kwargs = dict(
-        tensor_model_parallel_size=par.tensor_model_parallel_size,
-        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
-        sequence_parallel=par.sequence_parallel,
+        tensor_model_parallel_size=sizes.tp,
+        pipeline_model_parallel_size=sizes.pp,
+        sequence_parallel=spec.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -58,7 +60,7 @@ def _common(cfg: EmuConfig) -> dict:
         # starts from the same function; on GPU each rank initialises its shard on the device
         # (fast at 37B; real runs start from converted checkpoints anyway).
         use_cpu_initialization=not device.has_cuda(),
-        init_method_std=cfg.model.init_method_std,
+        init_method_std=spec.model.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,
@@ -69,8 +71,8 @@ def _common(cfg: EmuConfig) -> dict:
         apply_rope_fusion=plan["rope"].on,
         gradient_accumulation_fusion=plan["grad_accumulation"].on,
         persist_layer_norm=False,
-        batch_p2p_comm=par.batch_p2p_comm,
-        overlap_p2p_comm=not par.batch_p2p_comm,
+        batch_p2p_comm=spec.batch_p2p_comm,
+        overlap_p2p_comm=not spec.batch_p2p_comm,
         # Frees sent activations early. Only safe where sends are stream-ordered (NCCL): gloo's
         # async isend still reads the tensor after the schedule swaps its storage out.
         deallocate_pipeline_outputs=device.has_cuda(),
@@ -78,14 +80,14 @@ def _common(cfg: EmuConfig) -> dict:
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
     )
-    if cfg.train.fp8:
-        kwargs.update(fp8=cfg.train.fp8, fp8_recipe=FP8_RECIPES[cfg.train.fp8_recipe])
+    if spec.fp8:
+        kwargs.update(fp8=spec.fp8, fp8_recipe=FP8_RECIPES[spec.fp8_recipe])
     return kwargs
 
 
-def lm_transformer_config(cfg: EmuConfig) -> TransformerConfig:
+def lm_transformer_config(spec: ModelSpec, sizes: ParallelSizes) -> TransformerConfig:
     """LLaMA: RMSNorm, SwiGLU (``linear_fc1`` = [gate; up]), no biases, rotate-half RoPE."""
-    lm, par = cfg.model.lm, cfg.parallel
+    lm = spec.model.lm
     return TransformerConfig(
         num_layers=lm.num_layers,
         hidden_size=lm.hidden_size,
@@ -100,23 +102,23 @@ def lm_transformer_config(cfg: EmuConfig) -> TransformerConfig:
         add_bias_linear=False,
         add_qkv_bias=False,
         rotary_interleaved=False,
-        virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
-        num_layers_in_first_pipeline_stage=par.num_layers_in_first_pipeline_stage,
-        **_common(cfg),
+        virtual_pipeline_model_parallel_size=spec.virtual_pipeline,
+        num_layers_in_first_pipeline_stage=spec.first_stage_layers,
+        **_common(spec, sizes),
     )
 
 
-def vision_transformer_config(cfg: EmuConfig) -> TransformerConfig:
+def vision_transformer_config(spec: ModelSpec, sizes: ParallelSizes) -> TransformerConfig:
     """EVA ViT: LayerNorm, exact-GELU MLP with biases, fused QKV.
 
     The whole ViT lives on the first pipeline stage, so its config says PP=1 (megatron-core
     then builds all its layers there with local layer numbers 1..L).
     """
-    v = cfg.model.vision
-    common = _common(cfg)
+    v = spec.model.vision
+    common = _common(spec, sizes)
     # The ViT's MLP fuses bias + exact GELU itself (``specs.VisionMLP``): megatron-core's fused
     # bias-GELU is the tanh approximation.
-    plan = fusion_plan(cfg.model.transformer_impl, device.has_cuda())
+    plan = fusion_plan(spec.model.transformer_impl, device.has_cuda())
     common.update(pipeline_model_parallel_size=1, bias_activation_fusion=plan["bias_gelu"].on)
     return TransformerConfig(
         num_layers=v.num_layers,

@@ -33,21 +33,31 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 class _ShardedNormMixin:
     """Replicated (over TP and DP) sharded state dict, for parents such as megatron-core's
-    ``MLP`` that call ``sharded_state_dict`` on every child."""
+    ``MLP`` that call ``sharded_state_dict`` on every child. Needs its TP group
+    (``bind_tp_group``; megatron-core builds norms without one)."""
+
+    tp_group = None
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        from megatron.core import parallel_state
         from megatron.core.transformer.utils import (
             ensure_metadata_has_dp_cp_group,
             make_sharded_tensors_for_checkpoint,
         )
 
+        if self.tp_group is None:
+            raise RuntimeError(f"{type(self).__name__}: no TP group bound (specs.bind_tp_group after building)")
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         return make_sharded_tensors_for_checkpoint(
             self.state_dict(prefix="", keep_vars=True), prefix, {}, sharded_offsets,
-            tp_group=parallel_state.get_tensor_model_parallel_group(),
-            dp_cp_group=metadata["dp_cp_group"],
+            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
         )
+
+
+def bind_tp_group(module: torch.nn.Module, tp_group) -> None:
+    """Give every replicated norm under ``module`` its TP group (for its sharded state dict)."""
+    for m in module.modules():
+        if isinstance(m, _ShardedNormMixin):
+            m.tp_group = tp_group
 
 
 class _LayerNorm(_ShardedNormMixin, torch.nn.LayerNorm):
@@ -124,7 +134,8 @@ def qv_bias_linear(base: type) -> type:
         def __init__(self, input_size, output_size, *, config, **kwargs):
             kwargs["skip_bias_add"] = True
             super().__init__(input_size, output_size, config=config, **kwargs)
-            tp = max(1, config.tensor_model_parallel_size)
+            group = kwargs.get("tp_group")
+            tp = group.size() if group is not None else max(1, config.tensor_model_parallel_size)
             d = config.kv_channels
             groups = (config.num_query_groups or config.num_attention_heads) // tp
             per_group = config.num_attention_heads // (config.num_query_groups or config.num_attention_heads)
@@ -165,7 +176,12 @@ class _KnownMLPFilter(logging.Filter):
         return "Unknown MLP type" not in record.getMessage()
 
 
-logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_KnownMLPFilter())
+def quiet_known_mlp_notice() -> None:
+    """Drop megatron-core's "Unknown MLP type" notice for our MLP subclasses (once per process;
+    called when a model is built, never at import)."""
+    logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _KnownMLPFilter) for f in logger.filters):
+        logger.addFilter(_KnownMLPFilter())
 
 
 class VisionMLP(MLP):

@@ -37,7 +37,7 @@ class VisionEncoder(MegatronModule):
         self.pg_collection = pg_collection
         grid = vision.image_size // vision.patch_size
         self.num_tokens = grid * grid + 1
-        tp = config.tensor_model_parallel_size
+        tp = pg_collection.tp.size()
         self.sp = config.sequence_parallel
         self.padded_tokens = -(-self.num_tokens // tp) * tp if self.sp else self.num_tokens
         masked = self.padded_tokens != self.num_tokens
@@ -63,6 +63,7 @@ class VisionEncoder(MegatronModule):
             self.register_buffer("_pad_mask", keep.view(1, 1, 1, -1), persistent=False)
         else:
             self._pad_mask = None
+        specs.bind_tp_group(self, pg_collection.tp)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images ``[n, 3, H, W]`` (normalised) -> features ``[n, grid*grid, width]``."""

@@ -22,6 +22,9 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, queu
     if cpu_only:  # CPU + gloo even on a GPU node (before anything asks for a device)
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
+        from megatron_emu.compat import setup_process
+
+        setup_process()  # the CPU layer when this rank has no GPU, before megatron-core is imported
         queue.put((rank, True, fn(rank, *args)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         try:  # the exception itself when it pickles (clean messages for expected errors)

@@ -24,17 +24,18 @@ from megatron_emu.config.io import dump_config
 from megatron_emu.config.schema import EmuConfig
 from megatron_emu.data.bad_samples import BadDataError
 from megatron_emu.data.batch_source import BatchSource, cpu_tp_groups, stage_fields
-from megatron_emu.data.loader import EmuDataLoader, LoaderSpec
-from megatron_emu.model.builder import build_model_chunks
+from megatron_emu.data.loader import EmuDataLoader
 from megatron_emu.model.megatron_config import fusion_plan
-from megatron_emu.parallel.groups import destroy, init_distributed, init_model_parallel
+from megatron_emu.parallel.groups import destroy, init_distributed
+from megatron_emu.parallel.sizes import ParallelSizes
+from megatron_emu.training import build
 from megatron_emu.training import checkpointing as ckpt
 from megatron_emu.training import dir_lock, exit_status, logs
 from megatron_emu.training.evaluate import Evaluator, validation_due
 from megatron_emu.training.flops import step_flops
 from megatron_emu.training.metrics import MetricsWriter
-from megatron_emu.training.optimizer import build_optimizer
-from megatron_emu.training.schedule import forward_backward, wrap_ddp, zero_grads
+from megatron_emu.training.optimizer import module_lrs
+from megatron_emu.training.schedule import forward_backward, zero_grads
 from megatron_emu.training.signals import StopRequest
 from megatron_emu.training.update import apply_update
 from megatron_emu.utils import device
@@ -55,30 +56,23 @@ class Progress:
     consecutive_skips: int = 0
 
 
-def _layout(cfg: EmuConfig, dp: int) -> dict:
-    p = cfg.parallel
-    return {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
-            "vpp": p.virtual_pipeline_model_parallel_size, "dp": dp}
-
-
 class Trainer:
+    """The job on this rank; its parts come from the composition root (``training/build.py``)."""
+
     def __init__(self, cfg: EmuConfig, lock: dir_lock.DirLock | None = None, signals: StopSignals | None = None):
         self.cfg, self.lock = cfg, lock
-        init_distributed(cfg.parallel.collective_timeout_s)
+        self.pgs = build.process_groups(cfg)
         self.rank = torch.distributed.get_rank()
-        self.pgs = init_model_parallel(cfg)
+        self.sizes = ParallelSizes.from_groups(self.pgs)  # the one source of TP/PP/DP from here on
         self.dev = device.device()
-        self.dp = torch.distributed.get_world_size(self.pgs.dp)
-        self.dp_rank = torch.distributed.get_rank(self.pgs.dp)
-        self.pp_rank = torch.distributed.get_rank(self.pgs.pp)
-        self.pp_last = self.pp_rank == torch.distributed.get_world_size(self.pgs.pp) - 1
+        self.dp = self.sizes.dp
         self.num_micro = derived.num_microbatches(cfg, self.dp)
         self.dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
-        self.layout = _layout(cfg, self.dp)
+        self.layout = {"tp": self.sizes.tp, "pp": self.sizes.pp,
+                       "vpp": cfg.parallel.virtual_pipeline_model_parallel_size, "dp": self.dp}
         self._summary()
-        chunks = build_model_chunks(cfg, self.pgs)
-        self.model = wrap_ddp(cfg, chunks, self.pgs)
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.pgs)
+        self.model, self.optimizer, self.scheduler = build.model_and_optimizer(cfg, self.pgs)
+        self.step_spec, self.optimizer_spec = build.step_spec(cfg, self.sizes), build.optimizer_spec(cfg)
         self.source = self._batch_source()
         self.evaluator = self._evaluator()
         self.progress = Progress()
@@ -98,11 +92,10 @@ class Trainer:
     def _batch_source(self, validation: bool = False) -> BatchSource:
         """One loader per TP group (on its first rank) for the stages that need data: the
         training data, or the validation data from its start."""
-        fields = stage_fields(self.pp_rank == 0, self.pp_last)
+        fields = stage_fields(self.sizes.first_stage, self.sizes.last_stage)
         tp_ranks = torch.distributed.get_process_group_ranks(self.pgs.tp)
         loader = None
-        spec = LoaderSpec.from_config(self.cfg, self.dp_rank, self.dp, decode_images=self.pp_rank == 0,
-                                      validation=validation)
+        spec = build.loader_spec(self.cfg, self.sizes, validation=validation)
         if fields and torch.distributed.get_rank() == tp_ranks[0]:
             try:
                 loader = EmuDataLoader(spec)
@@ -135,7 +128,7 @@ class Trainer:
         d = self.cfg.data
         if not (d.valid_path or d.valid_fraction):
             return None
-        run = functools.partial(forward_backward, self.cfg, self.model, dev=self.dev, dtype=self.dtype,
+        run = functools.partial(forward_backward, self.step_spec, self.model, dev=self.dev, dtype=self.dtype,
                                 forward_only=True)
         return Evaluator(self.model, functools.partial(self._batch_source, validation=True),
                          self.num_micro, self.cfg.train.eval_iters, run, self._reduce_losses)
@@ -162,7 +155,7 @@ class Trainer:
                  torch.distributed.get_world_size(), self.layout["tp"], self.layout["pp"], self.dp,
                  f" (virtual PP {self.layout['vpp']})" if self.layout["vpp"] else "", self.num_micro,
                  self.cfg.train.micro_batch_size, self.dev)
-        log.info("model plan:\n%s", format_plan(plan(self.cfg, self.dp)))
+        log.info("model plan:\n%s", format_plan(plan(build.plan_spec(self.cfg, self.dp))))
         model = self.cfg.model
         attention = ("Transformer Engine fused attention" if model.transformer_impl == "transformer_engine"
                      else {"auto": "torch SDPA", "sdpa": "torch SDPA",
@@ -224,7 +217,7 @@ class Trainer:
         zero_grads(self.model)
         self.optimizer.zero_grad()
         poison = (p.iteration + 1) in cfg.train.inject_nan_iterations
-        reports = forward_backward(cfg, self.model, batches, self.dev, self.dtype, poison=poison)
+        reports = forward_backward(self.step_spec, self.model, batches, self.dev, self.dtype, poison=poison)
         losses = self._reduce_losses(reports)
         ok, (loss, lm_loss, reg_loss, grad_norm) = apply_update(
             self.optimizer, self.scheduler, cfg.train.clip_grad, losses, self.dev)
@@ -248,6 +241,7 @@ class Trainer:
         record = {
             "step": p.iteration, "train_iters": cfg.train.train_iters, "loss": loss, "lm_loss": lm_loss,
             "reg_loss": reg_loss, "grad_norm": grad_norm, "lr": lr,
+            **module_lrs(self.optimizer, self.optimizer_spec),  # lr_<module>: modules with their own peak
             "consumed_samples": p.consumed_samples,
             "tokens_per_s": cfg.train.global_batch_size * cfg.train.seq_length / dt,
             "images_per_s": n_img.item() / dt, "tflops_per_gpu": tflops,

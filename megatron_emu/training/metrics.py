@@ -119,6 +119,7 @@ def format_line(r: dict) -> str:
     parts = [f"step {r['step']:>6d}/{r['train_iters']}",
              f"loss {_fmt(r['loss'], '.4f')}", f"lm {_fmt(r['lm_loss'], '.4f')}",
              f"reg {_fmt(r['reg_loss'], '.4f')}", f"lr {r['lr']:.2e}",
+             *(f"{k} {v:.2e}" for k, v in r.items() if k.startswith("lr_")),
              f"gnorm {_fmt(r['grad_norm'], '.3f')}", f"{r['tokens_per_s']:.0f} tok/s",
              f"{r['images_per_s']:.1f} img/s", f"{r['tflops_per_gpu']:.3g} TFLOP/s/GPU"]
     if r.get("mfu") is not None:

@@ -5,6 +5,7 @@ megatron-core's DDP (and distributed-optimizer grad buffers)."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
@@ -13,19 +14,37 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from megatron_emu.config.schema import EmuConfig
-from megatron_emu.model.emu2 import Emu2Model, p2p_seq_length
 from megatron_emu.contracts.batch import Emu2Batch
 from megatron_emu.data.decode import normalize
+from megatron_emu.model.emu2 import Emu2Model
 
 
-def wrap_ddp(cfg: EmuConfig, chunks: list[Emu2Model], pgs: ProcessGroupCollection) -> list[DistributedDataParallel]:
+@dataclass(frozen=True, kw_only=True)
+class DDPSpec:
+    """megatron-core DDP: gradients reduced in fp32, optionally overlapped with the backward
+    (and the parameter all-gather with the forward), sharded for the distributed optimizer."""
+
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    use_distributed_optimizer: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepSpec:
+    """The schedule's shapes: ``seq_length`` of the activation exchanged between stages (the
+    model's ``p2p_seq_length``: tokens plus the visual payload rows) and the micro-batch size."""
+
+    seq_length: int
+    micro_batch_size: int
+
+
+def wrap_ddp(spec: DDPSpec, chunks: list[Emu2Model], pgs: ProcessGroupCollection) -> list[DistributedDataParallel]:
     """megatron-core DDP around each chunk; wires the schedule hooks into the first chunk's config."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-        overlap_param_gather=cfg.parallel.overlap_param_gather,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_grad_reduce=spec.overlap_grad_reduce,
+        overlap_param_gather=spec.overlap_param_gather,
+        use_distributed_optimizer=spec.use_distributed_optimizer,
     )
     wrapped = [
         DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
@@ -59,7 +78,7 @@ def forward_step(data_iterator, model, dev: torch.device, dtype: torch.dtype, po
     return model(batch), functools.partial(_loss_func, poison=poison)
 
 
-def forward_backward(cfg: EmuConfig, model: list[torch.nn.Module], microbatches: list[Optional[Emu2Batch]],
+def forward_backward(spec: StepSpec, model: list[torch.nn.Module], microbatches: list[Optional[Emu2Batch]],
                      dev: torch.device, dtype: torch.dtype, forward_only: bool = False,
                      poison: bool = False) -> list[dict[str, torch.Tensor]]:
     """Run the schedule over this rank's micro-batches (host ``Emu2Batch``es, ``None`` on
@@ -72,8 +91,8 @@ def forward_backward(cfg: EmuConfig, model: list[torch.nn.Module], microbatches:
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model,
         num_microbatches=len(microbatches),
-        seq_length=p2p_seq_length(cfg),
-        micro_batch_size=cfg.train.micro_batch_size,
+        seq_length=spec.seq_length,
+        micro_batch_size=spec.micro_batch_size,
         forward_only=forward_only,
     )
 

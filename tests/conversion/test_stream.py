@@ -16,11 +16,11 @@ from tests.helpers.tiny import tiny_config
 
 
 def _real_init(rank: int, cfg) -> dict:
-    from megatron_emu.model.builder import build_model_chunks
-    from megatron_emu.parallel.groups import init_distributed, init_model_parallel
+    from megatron_emu.parallel.groups import init_distributed
+    from megatron_emu.training import build
 
     init_distributed()
-    (model,) = build_model_chunks(cfg, init_model_parallel(cfg))
+    (model,) = build.model_chunks(cfg, build.process_groups(cfg))
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -93,11 +93,11 @@ def _plan(rank: int, cfg, llama: str) -> tuple:
     from megatron_emu.checkpoint.hf_mapping import Dims
     from megatron_emu.checkpoint.hf_source import CanonicalSource
     from megatron_emu.checkpoint.stream_writer import rank_targets
-    from megatron_emu.model.builder import build_model_chunks
-    from megatron_emu.parallel.groups import init_distributed, init_model_parallel
+    from megatron_emu.parallel.groups import init_distributed
+    from megatron_emu.training import build
 
     init_distributed()
-    chunks = build_model_chunks(cfg, init_model_parallel(cfg), meta=True)
+    chunks = build.model_chunks(cfg, build.process_groups(cfg), meta=True)
     assert all(p.is_meta for c in chunks for p in c.parameters())
     needed = _gather_needed(rank_targets(chunks))
     return needed, CanonicalSource({"llama": llama}, Dims.from_config(cfg)).plan(needed, LM_PREFIXES)

@@ -14,12 +14,12 @@ pytestmark = pytest.mark.distributed
 
 
 def _names(rank, cfg):
-    from megatron_emu.model.builder import build_model_chunks
-    from megatron_emu.parallel.groups import init_distributed, init_model_parallel
+    from megatron_emu.parallel.groups import init_distributed
+    from megatron_emu.training import build
 
     init_distributed()
-    pgs = init_model_parallel(cfg)
-    return [n for c in build_model_chunks(cfg, pgs, meta=True) for n, _ in c.named_parameters()]
+    pgs = build.process_groups(cfg)
+    return [n for c in build.model_chunks(cfg, pgs, meta=True) for n, _ in c.named_parameters()]
 
 
 def test_every_parameter_has_one_family_and_lr_globs_select_it():

@@ -3,6 +3,7 @@
 import pytest
 
 from megatron_emu.planner import plan
+from megatron_emu.training.build import plan_spec
 from tests.helpers import tiny
 from tests.helpers.dist import run_ranks
 
@@ -12,12 +13,12 @@ pytestmark = pytest.mark.distributed
 def _count(rank, cfg):
     import torch
 
-    from megatron_emu.model.builder import build_model_chunks
-    from megatron_emu.parallel.groups import init_distributed, init_model_parallel
+    from megatron_emu.parallel.groups import init_distributed
+    from megatron_emu.training import build
 
     init_distributed()
-    pgs = init_model_parallel(cfg)
-    chunks = build_model_chunks(cfg, pgs)
+    pgs = build.process_groups(cfg)
+    chunks = build.model_chunks(cfg, pgs)
     return torch.distributed.get_rank(pgs.pp), sum(p.numel() for c in chunks for p in c.parameters())
 
 
@@ -28,6 +29,6 @@ def _count(rank, cfg):
 ])
 def test_planner_counts_match_built_model(tp, pp, extra):
     cfg = tiny.tiny_config(tp=tp, pp=pp, extra=extra)
-    expected = plan(cfg)["params_per_gpu"]
+    expected = plan(plan_spec(cfg))["params_per_gpu"]
     for stage, n in run_ranks(tp * pp, _count, cfg):
         assert n == expected[stage], f"stage {stage}: built {n}, planned {expected[stage]}"

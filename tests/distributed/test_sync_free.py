@@ -45,22 +45,24 @@ class _Recorder(TorchDispatchMode):
 
 
 def _step(rank: int, tp: int, pp: int, backend: str) -> list[str]:
-    from megatron_emu.model.builder import build_model_chunks
-    from megatron_emu.parallel.groups import init_distributed, init_model_parallel
+    from megatron_emu.parallel.groups import init_distributed
+    from megatron_emu.parallel.sizes import ParallelSizes
+    from megatron_emu.training import build
     from megatron_emu.training.grad_norm import clip_grads_, global_grad_norm
     from megatron_emu.training.optimizer import build_optimizer
     from megatron_emu.training.schedule import forward_backward, wrap_ddp
 
     cfg = tiny_config(tp=tp, pp=pp, sp=tp > 1, extra=(f"model.attention_backend={backend}",))
     init_distributed()
-    pgs = init_model_parallel(cfg)
-    model = wrap_ddp(cfg, build_model_chunks(cfg, pgs), pgs)
-    optimizer, _ = build_optimizer(cfg, model, pgs)
+    pgs = build.process_groups(cfg)
+    model = wrap_ddp(build.ddp_spec(cfg), build.model_chunks(cfg, pgs), pgs)
+    optimizer, _ = build_optimizer(build.optimizer_spec(cfg), model, pgs)
+    step = build.step_spec(cfg, ParallelSizes.from_groups(pgs))
     batches = make_microbatches(cfg)
     assert sum(b.num_images for b in batches) > 0
     recorder = _Recorder()
     with recorder:
-        forward_backward(cfg, model, batches, torch.device("cpu"), torch.float32)
+        forward_backward(step, model, batches, torch.device("cpu"), torch.float32)
         optimizer.prepare_grads()
         clip_grads_(optimizer, 0.1, global_grad_norm(optimizer, torch.device("cpu")))
     return recorder.found

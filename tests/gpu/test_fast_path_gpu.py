@@ -15,17 +15,19 @@ pytestmark = pytest.mark.gpu
 
 
 def _step_without_sync(rank: int) -> str:
-    from megatron_emu.model.builder import build_model_chunks
-    from megatron_emu.parallel.groups import init_distributed, init_model_parallel
+    from megatron_emu.parallel.groups import init_distributed
+    from megatron_emu.parallel.sizes import ParallelSizes
+    from megatron_emu.training import build
     from megatron_emu.training.grad_norm import clip_grads_, global_grad_norm
     from megatron_emu.training.optimizer import build_optimizer
     from megatron_emu.training.schedule import forward_backward, wrap_ddp
 
     cfg = tiny.tiny_config(tp=1, pp=1, extra=("model.params_dtype=bfloat16",))
     init_distributed()
-    pgs = init_model_parallel(cfg)
-    model = wrap_ddp(cfg, build_model_chunks(cfg, pgs), pgs)
-    optimizer, _ = build_optimizer(cfg, model, pgs)
+    pgs = build.process_groups(cfg)
+    model = wrap_ddp(build.ddp_spec(cfg), build.model_chunks(cfg, pgs), pgs)
+    optimizer, _ = build_optimizer(build.optimizer_spec(cfg), model, pgs)
+    spec = build.step_spec(cfg, ParallelSizes.from_groups(pgs))
     dev = torch.device("cuda", torch.cuda.current_device())
 
     def step(debug: bool):
@@ -35,7 +37,7 @@ def _step_without_sync(rank: int) -> str:
         optimizer.zero_grad()
         torch.cuda.set_sync_debug_mode("error" if debug else 0)
         try:  # from the first forward to the optimizer step
-            forward_backward(cfg, model, batches, dev, torch.bfloat16)
+            forward_backward(spec, model, batches, dev, torch.bfloat16)
             optimizer.prepare_grads()
             norm = global_grad_norm(optimizer, dev)
             clip_grads_(optimizer, cfg.train.clip_grad, norm)

@@ -11,6 +11,8 @@ pytestmark = pytest.mark.gpu
 
 
 def _keys_and_loss(rank, cfg, weights, microbatches):
+    from megatron_emu.parallel.sizes import ParallelSizes
+    from megatron_emu.training import build
     from megatron_emu.training.schedule import forward_backward, wrap_ddp
 
     pgs, chunks = layouts._setup(cfg)
@@ -18,8 +20,9 @@ def _keys_and_loss(rank, cfg, weights, microbatches):
                   if not k.endswith("_extra_state"))
     layouts._load(chunks, weights)
     dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
-    losses = forward_backward(cfg, wrap_ddp(cfg, chunks, pgs), microbatches, torch.device("cuda"),
-                              dtype, forward_only=True)
+    model = wrap_ddp(build.ddp_spec(cfg), chunks, pgs)
+    losses = forward_backward(build.step_spec(cfg, ParallelSizes.from_groups(pgs)), model, microbatches,
+                              torch.device("cuda"), dtype, forward_only=True)
     return keys, [float(x["loss"]) for x in losses]
 
 

@@ -23,8 +23,11 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out) ->
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     import torch
 
+    from megatron_emu.compat import setup_process
+
     torch.set_num_threads(1)
     try:
+        setup_process()  # the CPU layer on a machine without CUDA (a no-op when the parent enabled it)
         result = fn(rank, *args)
         # Plain pickle (tensors by value): the worker may exit before the parent reads.
         out.put((rank, "ok", pickle.dumps(result)))

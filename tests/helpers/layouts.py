@@ -12,14 +12,16 @@ import os
 
 import torch
 
+from megatron_emu.parallel.sizes import ParallelSizes
+from megatron_emu.training import build
+
 
 def _setup(cfg):
-    from megatron_emu.model.builder import build_model_chunks
-    from megatron_emu.parallel.groups import init_distributed, init_model_parallel
+    from megatron_emu.parallel.groups import init_distributed
 
     init_distributed()
-    pgs = init_model_parallel(cfg)
-    return pgs, build_model_chunks(cfg, pgs)
+    pgs = build.process_groups(cfg)
+    return pgs, build.model_chunks(cfg, pgs)
 
 
 def _sharded(chunks):
@@ -84,9 +86,10 @@ def run_layout(rank: int, cfg, weights: str, microbatches: list, grads_out: str)
 
     pgs, chunks = _setup(cfg)
     _load(chunks, weights)
-    model = wrap_ddp(cfg, chunks, pgs)
+    model = wrap_ddp(build.ddp_spec(cfg), chunks, pgs)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    losses = forward_backward(cfg, model, microbatches[dp_rank::dp], torch.device("cpu"), torch.float32)
+    step = build.step_spec(cfg, ParallelSizes.from_groups(pgs))
+    losses = forward_backward(step, model, microbatches[dp_rank::dp], torch.device("cpu"), torch.float32)
     if cfg.parallel.use_distributed_optimizer and dp > 1:
         _gather_distopt_grads(model)
     frozen = []
@@ -119,13 +122,14 @@ def run_clipped_step(rank: int, cfg, weights: str, microbatches: list, params_ou
 
     pgs, chunks = _setup(cfg)
     _load(chunks, weights)
-    model = wrap_ddp(cfg, chunks, pgs)
-    optimizer, scheduler = build_optimizer(cfg, model, pgs)
+    model = wrap_ddp(build.ddp_spec(cfg), chunks, pgs)
+    optimizer, scheduler = build_optimizer(build.optimizer_spec(cfg), model, pgs)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     zero_grads(model)
     optimizer.zero_grad()
     dev = torch.device("cpu")
-    forward_backward(cfg, model, microbatches[dp_rank::dp], dev, torch.float32)
+    forward_backward(build.step_spec(cfg, ParallelSizes.from_groups(pgs)), model, microbatches[dp_rank::dp], dev,
+                     torch.float32)
     ok, values = apply_update(optimizer, scheduler, cfg.train.clip_grad, torch.zeros(3), dev)
     assert ok
     _save(chunks, params_out)

@@ -31,16 +31,18 @@ def _mlp_outputs(rank: int) -> tuple:
 
     from megatron_emu.model.megatron_config import vision_transformer_config
     from megatron_emu.model.specs import VisionMLP, _local_modules
-    from megatron_emu.parallel.groups import init_distributed, init_model_parallel
+    from megatron_emu.parallel.groups import init_distributed
+    from megatron_emu.parallel.sizes import ParallelSizes
+    from megatron_emu.training import build
     from megatron.core.transformer.mlp import MLPSubmodules
     from tests.helpers.tiny import tiny_config
 
     cfg = tiny_config()
     init_distributed()
-    pgs = init_model_parallel(cfg)
+    pgs = build.process_groups(cfg)
     column, row, _, _ = _local_modules()
     sub = MLPSubmodules(linear_fc1=column, linear_fc2=row)
-    base = vision_transformer_config(cfg)
+    base = vision_transformer_config(build.model_spec(cfg), ParallelSizes.from_groups(pgs))
     outs = []
     for fused in (False, True):
         torch.manual_seed(0)

@@ -82,8 +82,8 @@ def test_empty_index_under_tp_returns_zero_without_deadlock():
 
 def _model_losses(rank: int, tp: int, impls: list[tuple[str, str]]) -> list[dict]:
     """Same weights, same micro-batch, each (lm_ce_impl, regression_impl): losses and grads."""
-    from megatron_emu.model.builder import build_model_chunks
-    from megatron_emu.parallel.groups import init_distributed, init_model_parallel
+    from megatron_emu.parallel.groups import init_distributed
+    from megatron_emu.training import build
 
     init_distributed()
     out = []
@@ -91,11 +91,11 @@ def _model_losses(rank: int, tp: int, impls: list[tuple[str, str]]) -> list[dict
         cfg = tiny_config(tp=tp, sp=tp > 1, extra=(f"model.loss.lm_ce_impl={ce}",
                                                    f"model.loss.regression_impl={reg}"))
         if not out:
-            pgs = init_model_parallel(cfg)
+            pgs = build.process_groups(cfg)
         torch.manual_seed(0)
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
         model_parallel_cuda_manual_seed(0)
-        (chunk,) = build_model_chunks(cfg, pgs)
+        (chunk,) = build.model_chunks(cfg, pgs)
         batch = make_microbatches(cfg)[1]
         losses = chunk(batch)
         losses["loss"].backward()

@@ -12,20 +12,22 @@ from tests.helpers.tiny import make_microbatches, tiny_config
 
 
 def _norms(rank: int, tp: int, pp: int, distopt: bool) -> dict:
-    from megatron_emu.model.builder import build_model_chunks
-    from megatron_emu.parallel.groups import init_distributed, init_model_parallel
+    from megatron_emu.parallel.groups import init_distributed
+    from megatron_emu.parallel.sizes import ParallelSizes
+    from megatron_emu.training import build
     from megatron_emu.training.grad_norm import clip_grads_, global_grad_norm
     from megatron_emu.training.optimizer import build_optimizer
     from megatron_emu.training.schedule import forward_backward, wrap_ddp
 
     cfg = tiny_config(tp=tp, pp=pp, sp=tp > 1, distopt=distopt)
     init_distributed()
-    pgs = init_model_parallel(cfg)
-    model = wrap_ddp(cfg, build_model_chunks(cfg, pgs), pgs)
-    optimizer, _ = build_optimizer(cfg, model, pgs)
+    pgs = build.process_groups(cfg)
+    model = wrap_ddp(build.ddp_spec(cfg), build.model_chunks(cfg, pgs), pgs)
+    optimizer, _ = build_optimizer(build.optimizer_spec(cfg), model, pgs)
     dp = torch.distributed.get_world_size(pgs.dp)
     dp_rank = torch.distributed.get_rank(pgs.dp)
-    forward_backward(cfg, model, make_microbatches(cfg)[dp_rank::dp], torch.device("cpu"), torch.float32)
+    step = build.step_spec(cfg, ParallelSizes.from_groups(pgs))
+    forward_backward(step, model, make_microbatches(cfg)[dp_rank::dp], torch.device("cpu"), torch.float32)
     optimizer.prepare_grads()
     ours = global_grad_norm(optimizer, torch.device("cpu"))
     theirs = float(optimizer.get_grad_norm())

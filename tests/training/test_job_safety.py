@@ -92,10 +92,11 @@ def test_ranks_exit_when_their_launcher_is_killed(train_data, tmp_path):
 
 
 def _stuck_barrier(rank: int, cfg, done) -> float:
-    from megatron_emu.parallel.groups import init_distributed, init_model_parallel
+    from megatron_emu.parallel.groups import init_distributed
+    from megatron_emu.training import build
 
     init_distributed(cfg.parallel.collective_timeout_s)
-    pgs = init_model_parallel(cfg)
+    pgs = build.process_groups(cfg)
     if rank == 1:  # never joins the barrier (until rank 0 is done, 30 s at most)
         deadline = time.monotonic() + 30
         while not done.exists() and time.monotonic() < deadline:

@@ -9,16 +9,16 @@ from tests.helpers.tiny import tiny_config
 
 
 def _groups(rank: int, sets: tuple) -> dict:
-    from megatron_emu.model.builder import build_model_chunks
-    from megatron_emu.parallel.groups import init_distributed, init_model_parallel
+    from megatron_emu.parallel.groups import init_distributed
+    from megatron_emu.training import build
     from megatron_emu.training.optimizer import build_optimizer
     from megatron_emu.training.schedule import wrap_ddp
 
     cfg = tiny_config(extra=sets)
     init_distributed()
-    pgs = init_model_parallel(cfg)
-    model = wrap_ddp(cfg, build_model_chunks(cfg, pgs), pgs)
-    optimizer, scheduler = build_optimizer(cfg, model, pgs)
+    pgs = build.process_groups(cfg)
+    model = wrap_ddp(build.ddp_spec(cfg), build.model_chunks(cfg, pgs), pgs)
+    optimizer, scheduler = build_optimizer(build.optimizer_spec(cfg), model, pgs)
     names = {p: n for m in model for n, p in m.named_parameters()}
     # fp32 without the distributed optimizer: the groups hold the model parameters themselves.
     out = {names[p]: (g["max_lr"], g["min_lr"], g["wd_mult"])

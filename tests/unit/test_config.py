@@ -421,6 +421,7 @@ def test_stage_presets_follow_the_paper_and_fit_the_recommended_cluster(stage):
     from dataclasses import replace
 
     from megatron_emu.planner import plan
+    from megatron_emu.training.build import plan_spec
 
     cfg = load_config(BIG.parent / f"emu2_37b_stage{stage}.yaml")
     assert config_errors(cfg, world_size=256) == []  # 32 nodes x 8 GPUs
@@ -435,5 +436,5 @@ def test_stage_presets_follow_the_paper_and_fit_the_recommended_cluster(stage):
     else:
         assert cfg.model.loss.reg_weight == 1.0 and tr.freeze == ["vision.*"]
         assert tr.lr == 1e-5 and tr.lr_warmup_fraction == 0.1 and cfg.data.pair_image_first_prob == 0.5
-    report = plan(cfg)
+    report = plan(plan_spec(cfg))
     assert report["memory_gib_per_gpu"] < 80 * 0.9, report["memory_per_stage"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_emu.planner import GIB, plan
+from megatron_emu.training.build import plan_spec
 from tests.helpers.tiny import tiny_config
 
 # Trainable parameters per GPU of the tiny preset (counts checked against the built model by
@@ -27,7 +28,7 @@ def test_optimizer_memory_is_divided_by_dp_only_with_the_distributed_optimizer(d
         (tiny_config(tp=2, pp=2, distopt=distopt, extra=("train.freeze=['vision.*']",)), TP2PP2_FROZEN_VIT),
     ]
     for cfg, trainable in cases:
-        report = plan(cfg, data_parallel_size=dp)
+        report = plan(plan_spec(cfg, data_parallel_size=dp))
         assert report["layout"]["dp"] == dp
         for stage, n in enumerate(trainable):
             expected = 12 * n / (dp if distopt else 1)  # bytes on one GPU of the stage
@@ -39,4 +40,4 @@ def test_optimizer_memory_is_divided_by_dp_only_with_the_distributed_optimizer(d
 def test_dp_from_the_config_counts_like_the_world_size():
     """``parallel.data_parallel_size`` in the config is used when the world size is not given."""
     cfg = tiny_config(tp=1, pp=1, extra=("parallel.data_parallel_size=4",))
-    assert plan(cfg)["memory_per_stage"][0]["optimizer"] * GIB == 12 * TP1_ALL[0] / 4
+    assert plan(plan_spec(cfg))["memory_per_stage"][0]["optimizer"] * GIB == 12 * TP1_ALL[0] / 4
