@@ -134,8 +134,6 @@ class MMC4(_Lines):
 
 
 class _Parquet:
-    columns: tuple = ()
-
     @classmethod
     def plan(cls, inputs: list[str], opts) -> list[Unit]:
         import pyarrow.parquet as pq

@@ -54,15 +54,6 @@ def family(name: str) -> ParamFamily:
     raise KeyError(f"unknown parameter family {name!r}")
 
 
-def family_of(param_name: str) -> ParamFamily:
-    """The family a parameter name belongs to (names as a model chunk has them, without a
-    wrapper's ``module.`` prefix); ``KeyError`` naming it when none."""
-    for f in FAMILIES:
-        if param_name.startswith(f.prefix):
-            return f
-    raise KeyError(f"parameter {param_name!r} belongs to no family of contracts/params.py")
-
-
 def lr_globs(group: str, wrapped: bool = True) -> tuple[str, ...]:
     """Name globs of the parameters of a ``train.module_lr`` group; ``wrapped``: names as seen
     through a wrapper (DDP: ``module.<name>``)."""

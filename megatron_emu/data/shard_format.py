@@ -56,10 +56,6 @@ class Document:
     def n_images(self) -> int:
         return sum(1 for k, _ in self.segments if k == "image")
 
-    @property
-    def n_text_tokens(self) -> int:
-        return sum(len(v) for k, v in self.segments if k == "text")
-
 
 def safe_member_name(name: str) -> bool:
     """False for tar member names that could escape a directory (absolute or with ``..``)."""

@@ -13,7 +13,6 @@ class ParallelSizes:
     tp: int = 1
     pp: int = 1
     dp: int = 1
-    tp_rank: int = 0
     pp_rank: int = 0
     dp_rank: int = 0
 
@@ -23,7 +22,7 @@ class ParallelSizes:
         import torch.distributed as dist
 
         return cls(tp=dist.get_world_size(pgs.tp), pp=dist.get_world_size(pgs.pp), dp=dist.get_world_size(pgs.dp),
-                   tp_rank=dist.get_rank(pgs.tp), pp_rank=dist.get_rank(pgs.pp), dp_rank=dist.get_rank(pgs.dp))
+                   pp_rank=dist.get_rank(pgs.pp), dp_rank=dist.get_rank(pgs.dp))
 
     @property
     def first_stage(self) -> bool:

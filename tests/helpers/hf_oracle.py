@@ -1,6 +1,7 @@
 """transformers as an independent oracle, run in a fresh interpreter.
 
-The CPU compatibility layer for megatron-core wraps torch's factory functions process-wide;
+The CPU compatibility layer for megatron-core (on for the whole test session, as in every CPU
+entry point) wraps torch's factory functions process-wide;
 transformers 5 initialises non-persistent buffers (LLaMA's RoPE ``inv_freq``) through a meta-
 device path that those wrappers disturb. So the oracle never shares a process with
 megatron_emu: it runs here in a subprocess and returns plain tensors.
