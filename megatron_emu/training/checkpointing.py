@@ -270,11 +270,7 @@ def all_finite(model: list) -> bool:
     """True when every parameter on every rank is finite (all ranks call this)."""
     from megatron_emu.utils import device
 
-    bad = torch.zeros(1, device=device.device())
-    for m in model:
-        for p in m.parameters():
-            if not torch.isfinite(p.data).all():
-                bad += 1
-                break
-    torch.distributed.all_reduce(bad)
+    flags = [torch.isfinite(p.data).all() for m in model for p in m.parameters()]
+    bad = (~torch.stack(flags)).sum().float().reshape(1) if flags else torch.zeros(1, device=device.device())
+    torch.distributed.all_reduce(bad)  # one host read for the whole model, not one per tensor
     return bad.item() == 0

@@ -35,7 +35,7 @@ from megatron_emu.training.flops import step_flops
 from megatron_emu.training.metrics import MetricsWriter
 from megatron_emu.training.optimizer import build_optimizer
 from megatron_emu.training.schedule import forward_backward, wrap_ddp, zero_grads
-from megatron_emu.training.signals import StopRequest
+from megatron_emu.training.signals import URGENT, StopRequest
 from megatron_emu.training.update import apply_update
 from megatron_emu.utils import device
 from megatron_emu.utils.stop_signals import StopSignals
@@ -267,10 +267,16 @@ class Trainer:
         return record
 
     # -- checkpoints -----------------------------------------------------------------------
-    def save(self) -> None:
+    def save(self) -> bool:
+        """Write a checkpoint of this iteration (all ranks); False when there is nowhere to save."""
         cfg = self.cfg
         if not cfg.checkpoint.dir:
-            return
+            return False
+        if cfg.parallel.use_distributed_optimizer and cfg.parallel.overlap_param_gather:
+            # The step updated only this rank's shard; the other shards arrive with the next
+            # forward's pre-hooks. Gather them now, or the checkpoint holds stale weights.
+            for chunk in self.model:
+                chunk.start_param_sync(force_sync=True)
         if not ckpt.all_finite(self.model):
             raise TrainingError("the model has non-finite parameters; refusing to checkpoint it")
         meta = {"iteration": self.progress.iteration, "progress": asdict(self.progress),
@@ -282,6 +288,12 @@ class Trainer:
                          cfg.checkpoint.keep_last, async_queue=self.async_queue, lock=self.lock)
         log.info("%s checkpoint %s (%.1f s)", "scheduled" if self.async_queue else "saved", path,
                  time.perf_counter() - t0)
+        return True
+
+    def _published(self) -> None:
+        """Wait until every scheduled (asynchronous) save is on disk and published."""
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> int:
@@ -301,20 +313,27 @@ class Trainer:
                     and p.iteration < cfg.train.train_iters:
                 reason = f"train.exit_interval ({cfg.train.exit_interval}) reached"
             finished = p.iteration == cfg.train.train_iters
-            if validation_due(p.iteration, cfg.train.eval_interval, finished, bool(reason)):
+            # Before a save on a stop, validate, except after SIGTERM (its grace is for the save).
+            if validation_due(p.iteration, cfg.train.eval_interval, finished, bool(reason) and reason != URGENT):
                 self.validate()
             due = p.iteration % cfg.checkpoint.save_interval == 0
             last = finished and cfg.checkpoint.save_at_end
-            if due or last or reason:
-                self.save()
+            if (due or last or reason) and self.save():
                 saved_at = p.iteration
             if reason:
+                self._published()  # "stopped" means a checkpoint of this step is on disk
+                if saved_at != p.iteration:  # no checkpoint.dir: a requeue would start over
+                    log.warning("stopping at iteration %d: %s, without a checkpoint (checkpoint.dir "
+                                "is not set): a restart starts from the beginning", p.iteration, reason)
+                    self._exit_status("stopped_unsaved", reason)
+                    return 0
                 log.info("stopping at iteration %d: %s; resume by re-running the same command",
                          p.iteration, reason)
                 self._exit_status("stopped", reason)
                 return 0
         if saved_at != p.iteration:
             log.info("finished without a final checkpoint (checkpoint.save_at_end is false)")
+        self._published()
         log.info("training finished: %d iterations, %d skipped; metrics in %s",
                  p.iteration, p.skipped_total, self.metrics.path)
         self._exit_status("finished", "train.train_iters reached")
