@@ -27,6 +27,7 @@ from megatron_emu.data.batch_source import BatchSource, cpu_tp_groups, stage_fie
 from megatron_emu.data.loader import EmuDataLoader, LoaderSpec
 from megatron_emu.model.builder import build_model_chunks
 from megatron_emu.model.megatron_config import fusion_plan
+from megatron_emu.parallel import agree
 from megatron_emu.parallel.groups import destroy, init_distributed, init_model_parallel
 from megatron_emu.training import checkpointing as ckpt
 from megatron_emu.training import dir_lock, exit_status, logs
@@ -109,7 +110,7 @@ class Trainer:
             except ValueError as e:  # bad dataset directory, image size, decoder choice
                 raise TrainingError(f"data{' (validation)' if validation else ''}: {e}") from None
         if not hasattr(self, "_cpu_tp_group"):
-            self._cpu_tp_group = cpu_tp_groups(self.pgs.tp)  # a collective: made once
+            self._cpu_tp_group = cpu_tp_groups(self.pgs.tp, self.cfg.parallel.collective_timeout_s)
         return BatchSource(loader, spec.ce_ignore_ids, fields, cpu_group=self._cpu_tp_group,
                            device_group=self.pgs.tp, src=tp_ranks[0], pin=device.has_cuda())
 
@@ -176,7 +177,7 @@ class Trainer:
         ck = self.cfg.checkpoint
         if ck.dir:
             ckpt.cleanup_partial(ck.dir)
-            found = ckpt.resolve(ck.dir)
+            found = self._agreed_checkpoint(ck.dir)
             if found is not None:
                 meta = ckpt.read_meta(found, ck.verify)
                 ckpt.check_model_matches(meta, self.cfg, found)
@@ -189,18 +190,35 @@ class Trainer:
                          self.progress.iteration, self.progress.consumed_samples)
                 return
         if ck.load:
-            found = ckpt.resolve(ck.load)
+            found = self._agreed_checkpoint(ck.load)
             if found is None:
                 raise TrainingError(f"checkpoint.load: no checkpoint at {ck.load}")
             ckpt.check_model_matches(ckpt.read_meta(found, ck.verify), self.cfg, found)
             ckpt.load_weights(found, self.model, self.optimizer, ck.verify)
             log.info("initialised weights from %s (optimizer, schedule and data start fresh)", found)
 
+    def _agreed_checkpoint(self, path: str) -> Optional[Path]:
+        """The checkpoint ``path`` resolves to, as rank 0 sees it (one answer for all ranks,
+        whatever their view of a network filesystem)."""
+        found = agree.decided_by_rank0(lambda: (lambda p: None if p is None else str(p))(ckpt.resolve(path)),
+                                       self.dev, ckpt.CheckpointError)
+        return None if found is None else Path(found)
+
     # -- one step --------------------------------------------------------------------------
     def _microbatches(self) -> tuple[list, int]:
         """The step's micro-batches as host tensors (each is copied to the device just before
-        its forward) and the number of images among them."""
-        batches = [next(self.source) for _ in range(self.num_micro)]
+        its forward) and the number of images among them. A data error on any rank stops every
+        rank here, before any of them enters the step's collectives."""
+        batches, error = [], None
+        try:
+            batches = [next(self.source) for _ in range(self.num_micro)]
+        except Exception as e:  # noqa: BLE001 - agreed on below, then re-raised
+            error = e
+        if agree.any_rank(error is not None, self.dev):
+            if error is not None:
+                raise error
+            raise BadDataError("the data loader of another rank failed; that rank's log names the "
+                               "shard, key or error")
         return batches, sum(b.num_images for b in batches if b is not None)
 
     def _reduce_losses(self, reports: list[dict]) -> torch.Tensor:
