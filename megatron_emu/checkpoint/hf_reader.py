@@ -9,7 +9,8 @@
   names; a refused or broken file is one ``CheckpointFileError`` line naming it. A ``{"module":
   ...}`` or ``{"state_dict": ...}`` wrapper (DeepSpeed, BAAI's loader) is unwrapped.
 
-Safetensors tensors are read with plain file reads into fresh buffers (a memory-mapped shard
+A safetensors tensor is memory-mapped on its own (copy-on-write, no copy of the data), so only
+the tensors in use are resident and each is released with its tensor (a whole mapped shard
 would count towards resident memory as it is read). A ``.bin`` archive cannot be read tensor
 by tensor: torch loads it whole, memory-mapped when it is a zip archive (then only the tensors
 touched are paged in), so at most one ``.bin`` shard is held at a time.
@@ -24,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from megatron_emu.checkpoint.dcp_item import map_range
 from megatron_emu.checkpoint.safe_pickle import CheckpointFileError, torch_load
 from megatron_emu.checkpoint.safetensors_io import _ST_DTYPES, SafetensorsError, read_header
 
@@ -88,15 +90,18 @@ class _SafetensorsFile:
         return torch.empty(tuple(e["shape"]), dtype=_ST_DTYPES[e["dtype"]], device="meta")
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor, memory-mapped copy-on-write: its own pages only, released with it."""
         e = self._entry(name)
-        begin, end = e["data_offsets"]  # validated by read_header
-        out = torch.empty(tuple(e["shape"]), dtype=_ST_DTYPES[e["dtype"]])
-        if out.numel():
-            with open(self.path, "rb") as f:
-                f.seek(self.start + begin)
-                if f.readinto(out.reshape(-1).view(torch.uint8).numpy()) != end - begin:
-                    raise SafetensorsError(f"{self.path}: truncated data for {name!r}")
-        return out
+        begin, end = e["data_offsets"]  # validated by read_header (inside the file)
+        shape, dtype = tuple(e["shape"]), _ST_DTYPES[e["dtype"]]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        with open(self.path, "rb") as f:
+            try:
+                view = map_range(f.fileno(), self.start + begin, end - begin)
+            except ValueError:  # the file shrank since its header was read
+                raise SafetensorsError(f"{self.path}: truncated data for {name!r}") from None
+        return torch.frombuffer(view, dtype=dtype).reshape(shape)
 
 
 class _TorchBinFile:

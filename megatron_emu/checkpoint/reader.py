@@ -5,14 +5,13 @@ every transformer layer's tensor is stored as its own chunk(s) (one per TP shard
 stacked key with a leading layer axis). This reader assembles the full, unsharded tensor of one
 key (or of one layer of a stacked key) from its chunks, so memory stays at about one layer,
 whatever layout the checkpoint was saved with. No process group, no model, no optimizer state.
-``.metadata`` is read by the allow-list unpickler (``safe_pickle``), tensor chunks with
-``torch.load(weights_only=True)``, and every file's bytes are checked against the checkpoint's
-``checksums.json`` as they are read (``verify``).
+``.metadata`` is read by the allow-list unpickler (``safe_pickle``), tensor chunks by torch's
+weights-only unpickler without copying their data (``dcp_item``), and every file's bytes are
+checked against the checkpoint's ``checksums.json`` as they are read (``verify``).
 """
 
 from __future__ import annotations
 
-import io
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from megatron_emu.checkpoint.safe_pickle import torch_load
+from megatron_emu.checkpoint import dcp_item
 
 # Checkpoint key suffixes (TE-style names megatron-core writes for the local spec too) ->
 # our module's parameter names.
@@ -105,21 +104,33 @@ class CheckpointReader:
 
     # -- data --------------------------------------------------------------------------------
     def read(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
-        """The full tensor of ``key`` (or of its ``layer``), assembled from the stored chunks."""
-        out = torch.empty(self.shape(key, layer), dtype=self.dtypes[key])
+        """The full tensor of ``key`` (or of its ``layer``), assembled from the stored chunks.
+        Each chunk is memory-mapped and verified in place (``dcp_item``); a chunk that is the
+        whole tensor is returned as it is, without a copy."""
+        shape = self.shape(key, layer)
+        out = None
         filled = 0
         for offsets, sizes, info in self._chunks[key]:
             if layer is not None and not offsets[0] <= layer < offsets[0] + sizes[0]:
                 continue
             with open(self.dir / info.relative_path, "rb") as f:
-                self.manifest.check_range(info.relative_path, f, info.offset, info.length)
-                f.seek(info.offset)
-                chunk = torch_load(io.BytesIO(f.read(info.length)), f"{self.dir / info.relative_path} ({key})")
+                self.manifest.check_size(info.relative_path, f, info.offset + info.length)
+                view = dcp_item.map_range(f.fileno(), info.offset, info.length)
+                self.manifest.check_view(info.relative_path, f, info.offset, view)
+            chunk = dcp_item.load_item(view, f"{self.dir / info.relative_path} ({key})")
+            view = None
             if layer is not None:
                 chunk, offsets = chunk[layer - offsets[0]], offsets[1:]
+            if out is None and tuple(chunk.shape) == tuple(shape) and chunk.dtype == self.dtypes[key]:
+                out, filled = chunk, chunk.numel()  # the whole tensor in one chunk
+                continue
+            if out is None:
+                out = torch.empty(shape, dtype=self.dtypes[key])
             region = out[tuple(slice(o, o + s) for o, s in zip(offsets, chunk.shape))]
             region.copy_(chunk)
             filled += chunk.numel()
+        if out is None:
+            out = torch.empty(shape, dtype=self.dtypes[key])
         if filled != out.numel():
             raise CheckpointReadError(f"{self.dir}: {key}{'' if layer is None else f' layer {layer}'} "
                                       f"is incomplete ({filled} of {out.numel()} elements)")

@@ -78,11 +78,16 @@ def part_layers(names: list[str]) -> dict[str, int]:
 
 def fill(target, offsets: tuple, full: torch.Tensor, dtype: torch.dtype):
     """A copy of ``target`` (a meta ShardedTensor) holding its region of the canonical ``full``
-    tensor as its own, contiguous storage (so only the region is written). A stacked key's
+    tensor as its own, contiguous storage (so only the region is written; ``full`` itself when
+    the region is all of it). A stacked key's
     tensor is addressed as a one-layer stack (its part is then complete on its own; the merge
     puts the layer back at its index)."""
     region = full[tuple(slice(o, o + n) for o, n in zip(offsets, target.data.shape))]
-    data = region.to(dtype=dtype, copy=True).contiguous()
+    if (region.dtype == dtype and region.numel() == full.numel() and region.is_contiguous()
+            and region.storage_offset() == 0 and region.untyped_storage().nbytes() == region.nbytes):
+        data = region  # the whole tensor, alone in its storage: saved as is (no copy)
+    else:
+        data = region.to(dtype=dtype, copy=True).contiguous()
     if target.prepend_axis_num:
         return dataclasses.replace(target, data=data, global_shape=(1, *target.global_shape[1:]),
                                    global_offset=(0, *target.global_offset[1:]),
@@ -111,8 +116,13 @@ def _append(src: Path, dest: Path) -> int:
         os.replace(src, dest)
         return 0
     start = dest.stat().st_size
-    with open(src, "rb") as fin, open(dest, "ab") as fout:
-        shutil.copyfileobj(fin, fout, 64 << 20)
+    with open(src, "rb") as fin, open(dest, "r+b") as fout:
+        size, done = os.fstat(fin.fileno()).st_size, 0
+        while done < size:  # copied inside the kernel (no pass through this process's memory)
+            n = os.copy_file_range(fin.fileno(), fout.fileno(), size - done, done, start + done)
+            if n == 0:
+                raise MergeError(f"{src}: shorter than its size while appending it to {dest}")
+            done += n
     src.unlink()
     return start
 
