@@ -303,6 +303,12 @@ def _save_rank(rank: int, cfg, dirs: dict, out: str, progress: bool) -> int:
     from megatron_emu.model.builder import build_model_chunks
     from megatron_emu.parallel.groups import init_distributed, init_model_parallel
 
+    from torch.utils.serialization import config as serialization
+
+    # The zip CRC-32 torch.save computes for every item costs a pass over the data that nothing
+    # reads (torch.load does not check it); checksums.json covers the files. This rank process
+    # (and the writer processes megatron-core forks from it) only.
+    serialization.save.compute_crc32 = False
     init_distributed()
     pgs = init_model_parallel(cfg)
     targets = stream_writer.rank_targets(build_model_chunks(cfg, pgs, meta=True))
