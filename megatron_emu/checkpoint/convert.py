@@ -103,7 +103,7 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int] =
     if lm_only and layout != "hf":
         raise ConversionError("--lm-only writes a plain LLaMA directory; it takes no --layout native")
     src = resolve_checkpoint(ckpt, iteration)
-    reader = CheckpointReader(src, verify=verify)
+    reader = CheckpointReader(src, verify=verify, reuse_buffers=True)  # each tensor is written before the next read
     if "config" not in reader.meta:
         raise ConversionError(f"{src}/megatron_emu.json has no config: not a megatron_emu checkpoint")
     cfg = from_dict(reader.meta["config"])

@@ -35,11 +35,15 @@ class CheckpointReadError(ValueError):
 
 
 class CheckpointReader:
-    def __init__(self, ckpt_dir: str | Path, verify: bool = True):
+    def __init__(self, ckpt_dir: str | Path, verify: bool = True, reuse_buffers: bool = False):
         from megatron_emu.checkpoint.dcp_reader import SafeFileSystemReader
         from megatron_emu.checkpoint.integrity import Manifest
 
         self.dir = Path(ckpt_dir)
+        # reuse_buffers: a tensor assembled from several chunks goes into a buffer kept per shape
+        # and dtype and reused by the next read of that shape (each layer has the same shapes:
+        # no fresh pages to fault in); valid only until the next read() (mcore-to-hf's loop).
+        self._buffers: Optional[dict] = {} if reuse_buffers else None
         if not (self.dir / ".metadata").is_file():
             raise CheckpointReadError(f"{self.dir} has no .metadata: not a torch_dist checkpoint directory")
         self.manifest = Manifest(self.dir, verify=verify)
@@ -103,6 +107,16 @@ class CheckpointReader:
         return self.shapes[key][1:] if layer is not None else self.shapes[key]
 
     # -- data --------------------------------------------------------------------------------
+    def _buffer(self, shape, dtype, group: str) -> torch.Tensor:
+        if self._buffers is None:
+            return torch.empty(shape, dtype=dtype)
+        if self._buffers.get("group") != group:  # the ViT's buffers are not kept for the LM's layers
+            self._buffers = {"group": group}
+        key = (tuple(shape), dtype)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, dtype=dtype)
+        return self._buffers[key]
+
     def read(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
         """The full tensor of ``key`` (or of its ``layer``), assembled from the stored chunks.
         Each chunk is memory-mapped and verified in place (``dcp_item``); a chunk that is the
@@ -125,7 +139,7 @@ class CheckpointReader:
                 out, filled = chunk, chunk.numel()  # the whole tensor in one chunk
                 continue
             if out is None:
-                out = torch.empty(shape, dtype=self.dtypes[key])
+                out = self._buffer(shape, self.dtypes[key], next((p for p in STACKED if key.startswith(p)), ""))
             region = out[tuple(slice(o, o + s) for o, s in zip(offsets, chunk.shape))]
             region.copy_(chunk)
             filled += chunk.numel()

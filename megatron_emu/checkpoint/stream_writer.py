@@ -79,14 +79,17 @@ def part_layers(names: list[str]) -> dict[str, int]:
 
 def fill(target, offsets: tuple, full: torch.Tensor, dtype: torch.dtype):
     """A copy of ``target`` (a meta ShardedTensor) holding its region of the canonical ``full``
-    tensor as its own, contiguous storage (so only the region is written; ``full`` itself when
-    the region is all of it). A stacked key's
+    tensor as its own, contiguous storage (so only the region is written): a view of ``full``'s
+    bytes when the region is contiguous and of the right dtype, else a copy. A stacked key's
     tensor is addressed as a one-layer stack (its part is then complete on its own; the merge
     puts the layer back at its index)."""
     region = full[tuple(slice(o, o + n) for o, n in zip(offsets, target.data.shape))]
-    if (region.dtype == dtype and region.numel() == full.numel() and region.is_contiguous()
-            and region.storage_offset() == 0 and region.untyped_storage().nbytes() == region.nbytes):
-        data = region  # the whole tensor, alone in its storage: saved as is (no copy)
+    if region.dtype == dtype and region.is_contiguous():
+        # A storage of exactly the region's bytes, sharing them (torch.save writes a tensor's
+        # whole storage): the region is saved as it is, without a copy.
+        start = region.storage_offset() * region.element_size()
+        storage = region.untyped_storage()[start:start + region.nbytes]
+        data = torch.empty(0, dtype=dtype).set_(storage, 0, region.shape, region.stride())
     else:
         data = region.to(dtype=dtype, copy=True).contiguous()
     if target.prepend_axis_num:
