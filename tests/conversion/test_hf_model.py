@@ -133,3 +133,27 @@ def test_chat_layout_round_trips(samples, tmp_path):
     (ours,) = run_ranks(1, _ours, str(tmp_path / "c2"), tokens, images, len(ids), 1)
     expected, _, _ = ref.forward(params, ref_config(cfg), tokens, images, st.IMAGE_ID)
     torch.testing.assert_close(ours["logits"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_model_code_is_shipped_with_the_package(tmp_path):
+    """setup.py's package data carries hf_model/*.py, which mcore-to-hf copies from the installed
+    package (built from a clean copy of the tracked files: no earlier build's file list)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from megatron_emu.checkpoint.convert import HF_MODEL_FILES
+
+    root = Path(__file__).resolve().parents[2]
+    tracked = subprocess.run(["git", "ls-files", "setup.py", "pyproject.toml", "megatron_emu", "data_tools"],
+                             cwd=root, check=True, capture_output=True, text=True).stdout.split()
+    src = tmp_path / "src"
+    for name in tracked:
+        if (root / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / name, src / name)
+    env = {**os.environ, "MEGATRON_EMU_BUILD_CUDA": "0"}
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "-d", str(tmp_path / "out")], cwd=src, check=True,
+                   capture_output=True, env=env)
+    shipped = tmp_path / "out" / "megatron_emu" / "checkpoint" / "hf_model"
+    assert sorted(p.name for p in shipped.glob("*.py")) == sorted(HF_MODEL_FILES)
