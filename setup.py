@@ -50,11 +50,14 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_emu", "megatron_emu.*", "data_tools", "data_tools.*"]),
     include_package_data=True,
+    # The transformers model code mcore-to-hf copies into every Emu2 directory it writes.
+    package_data={"megatron_emu.checkpoint": ["hf_model/*.py"]},
     install_requires=[
         "torch>=2.6",
         # 0.16.1 is the last release installable on Python 3.11 (CI); newer releases need 3.12.
         "megatron-core==0.16.1; python_version < '3.12'",
         "megatron-core>=0.16.1; python_version >= '3.12'",
+        "isal",  # ISA-L's CRC-32 for checkpoint checksums (zlib's checksum, ~6x faster)
         "numpy<2.5",
         "packaging",
         "pillow",
