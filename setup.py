@@ -50,12 +50,15 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_emu", "megatron_emu.*", "data_tools", "data_tools.*"]),
     include_package_data=True,
+    # The transformers model code mcore-to-hf copies into every Emu2 directory it writes.
+    package_data={"megatron_emu.checkpoint": ["hf_model/*.py"]},
     install_requires=[
         "torch>=2.6",
         # The versions tested on each Python (megatron_emu/compat/version.py checks the range at
         # start-up): 0.16.1 is the last release installable on Python 3.11 (CI); 0.19.2 on 3.12.
         "megatron-core==0.16.1; python_version < '3.12'",
         "megatron-core==0.19.2; python_version >= '3.12'",
+        "isal",  # ISA-L's CRC-32 for checkpoint checksums (zlib's checksum, ~6x faster)
         "numpy<2.5",
         "packaging",
         "pillow",

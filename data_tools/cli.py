@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--llama-model", help="LLaMA SentencePiece tokenizer.model (32000 pieces)")
     src.add_argument("--train", metavar="TEXTFILE", help="train a small SentencePiece model on this text")
     t.add_argument("--vocab-size", type=int, default=1000, help="pieces to learn with --train (default 1000)")
+    t.add_argument("--chat", action="store_true", help="Emu2-Chat: also [USER] and [ASSISTANT] (32274 ids)")
     t.add_argument("--out", required=True, help="output directory")
 
     pp = sub.add_parser("preprocess", help="inputs -> interleaved-document WebDataset shards")
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "tokenizer":
             from data_tools.tokenizer import build
-            build(args.out, llama_model=args.llama_model, train_text=args.train, vocab_size=args.vocab_size)
+            build(args.out, llama_model=args.llama_model, train_text=args.train, vocab_size=args.vocab_size,
+                  chat=args.chat)
             return 0
         if args.command == "preprocess":
             return _preprocess(args)

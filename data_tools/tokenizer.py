@@ -28,8 +28,9 @@ def _added_token(content: str) -> dict:
             "rstrip": False, "single_word": False}
 
 
-def write_hf_files(out: Path) -> None:
-    """``tokenizer_config.json``, ``special_tokens_map.json``, ``added_tokens.json`` (§5.7)."""
+def write_hf_files(out: Path, chat: bool = False) -> None:
+    """``tokenizer_config.json``, ``special_tokens_map.json``, ``added_tokens.json`` (§5.7);
+    ``chat``: Emu2-Chat's, with ``[USER]`` / ``[ASSISTANT]`` after the 272 Emu2 tokens."""
     config = {
         "tokenizer_class": "LlamaTokenizer",
         "add_bos_token": True,
@@ -44,8 +45,11 @@ def write_hf_files(out: Path) -> None:
         "sp_model_kwargs": {},
     }
     special_map = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                   "pad_token": st.PAD, "additional_special_tokens": list(st.ADDITIONAL_SPECIAL_TOKENS)}
+                   "pad_token": st.PAD, "additional_special_tokens":
+                   list(st.ADDITIONAL_SPECIAL_TOKENS) + (list(st.CHAT_TOKENS) if chat else [])}
     added = {tok: st.TOKEN_IDS[tok] for tok in st.ADDED_TOKENS}
+    if chat:
+        added.update(st.CHAT_IDS)
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
     (out / ADDED_TOKENS_FILE).write_text(json.dumps(added, indent=2) + "\n")
@@ -88,7 +92,7 @@ def train_model(text_file: Path, vocab_size: int) -> bytes:
 
 
 def build(out: str | Path, *, llama_model: str | Path | None = None,
-          train_text: str | Path | None = None, vocab_size: int = 1000) -> Emu2Tokenizer:
+          train_text: str | Path | None = None, vocab_size: int = 1000, chat: bool = False) -> Emu2Tokenizer:
     """Write the tokenizer directory atomically and return it loaded (which checks the ids)."""
     if (llama_model is None) == (train_text is None):
         raise ValueError("give exactly one of --llama-model or --train")
@@ -101,7 +105,7 @@ def build(out: str | Path, *, llama_model: str | Path | None = None,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / MODEL_FILE).write_bytes(model_bytes)
-        write_hf_files(tmp)
+        write_hf_files(tmp, chat=chat)
         Emu2Tokenizer(tmp)  # validates piece count and ids before anything is published
         if out.exists():
             shutil.rmtree(out)

@@ -18,6 +18,7 @@ renamed into place at the end. A megatron_emu checkpoint is read with its checks
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,15 +30,20 @@ from typing import Optional
 
 import torch
 
-from megatron_emu.checkpoint import hf_config, integrity, stream_writer
+from megatron_emu.checkpoint import hf_config, integrity, native_layout, paths, stream_writer, tokenizer_files
 from megatron_emu.checkpoint.hf_mapping import HF_LM, HF_LM_HEAD, Dims, to_hf
+from megatron_emu.checkpoint.hf_reader import HFReader
 from megatron_emu.checkpoint.reader import CheckpointReader
-from megatron_emu.checkpoint.safetensors_io import HFReader, ShardWriter, plan_shards, shard_names, write_index
+from megatron_emu.checkpoint.safetensors_io import ShardWriter, plan_shards, shard_names, write_index
 
 log = logging.getLogger("megatron_emu.convert")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LM_PREFIXES = ("embedding.", "decoder.", "heads.output_layer.")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+LAYOUTS = ("hf", "native")
+# Our transformers model code, copied into every Emu2 directory mcore-to-hf writes (shipped as
+# package data: setup.py).
+HF_MODEL_DIR = Path(__file__).resolve().parent / "hf_model"
+HF_MODEL_FILES = ("configuration_emu.py", "modeling_emu.py", "visual.py")
 
 
 class ConversionError(ValueError):
@@ -65,15 +71,13 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def resolve_checkpoint(ckpt: str | Path, iteration: Optional[int] = None) -> Path:
-    from megatron_emu.training.checkpointing import iter_name, resolve
-
     ckpt = Path(ckpt)
     if iteration is not None:
-        path = ckpt / iter_name(iteration)
-        if not (path / "megatron_emu.json").is_file():
+        path = ckpt / paths.iter_name(iteration)
+        if not (path / paths.META_FILE).is_file():
             raise ConversionError(f"--iteration {iteration}: {path} is not a complete checkpoint")
         return path
-    path = resolve(ckpt)
+    path = paths.resolve(ckpt)
     if path is None:
         raise ConversionError(f"--ckpt {ckpt}: no checkpoint (no megatron_emu.json, no `latest`)")
     return path
@@ -88,28 +92,44 @@ def _lm_only_name(name: str) -> Optional[str]:
 
 
 def mcore_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int] = None, dtype: str = "fp32",
-                lm_only: bool = False, tokenizer: Optional[str] = None, max_shard_gb: float = 5.0,
-                progress: bool = True, verify: bool = True) -> dict:
-    """Write the HF directory; returns ``{"tensors", "total_size", "shards"}``."""
+                lm_only: bool = False, layout: str = "hf", tokenizer: Optional[str] = None,
+                max_shard_gb: float = 5.0, progress: bool = True, verify: bool = True) -> dict:
+    """Write the HF directory (``layout`` "hf": BAAI/Emu2's Hugging Face layout with our model
+    code; "native": the state dict of BAAI's GitHub ``EmuModel``); returns a summary."""
     from megatron_emu.config.io import from_dict
 
+    if layout not in LAYOUTS:
+        raise ConversionError(f"--layout {layout}: choose one of {', '.join(LAYOUTS)}")
+    if lm_only and layout != "hf":
+        raise ConversionError("--lm-only writes a plain LLaMA directory; it takes no --layout native")
     src = resolve_checkpoint(ckpt, iteration)
-    reader = CheckpointReader(src, verify=verify)
+    reader = CheckpointReader(src, verify=verify, reuse_buffers=True)  # each tensor is written before the next read
     if "config" not in reader.meta:
         raise ConversionError(f"{src}/megatron_emu.json has no config: not a megatron_emu checkpoint")
     cfg = from_dict(reader.meta["config"])
     dims, torch_dtype = Dims.from_config(cfg), DTYPES[dtype]
-    tok_dir = Path(tokenizer or cfg.data.tokenizer or "")
-    if not all((tok_dir / f).is_file() for f in TOKENIZER_FILES):
-        raise ConversionError(f"tokenizer files not found in {str(tok_dir) or '(none)'}: pass --tokenizer DIR "
+    tok_dir = tokenizer_files.find(src, tokenizer, cfg.data.tokenizer)
+    if tok_dir is None:
+        raise ConversionError(f"no tokenizer: {src} has no tokenizer/ copy and data.tokenizer "
+                              f"({cfg.data.tokenizer or 'unset'}) is not a tokenizer directory; pass --tokenizer DIR "
                               f"(a directory from `megatron-emu-data tokenizer`)")
+
+    def mapped(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        hf = to_hf({name: t}, dims)
+        if layout == "native":
+            return list(native_layout.to_native(hf, dims.lm_head_dim, dims.rope_theta).items())
+        return _select(hf, lm_only)
+
+    def out_dtype(name: str) -> torch.dtype:  # RoPE frequencies stay fp32, as transformers keeps them
+        return torch.float32 if name.endswith(native_layout.INV_FREQ) else torch_dtype
+
     # Plan every output tensor from shapes alone (meta tensors), in the order they will be written.
     plan, per_entry = [], []
     for name, key, layer in reader.entries():
         meta = torch.empty(reader.shape(key, layer), dtype=reader.dtypes[key], device="meta")
-        mapped = _select(to_hf({name: meta}, dims), lm_only)
-        per_entry.append((name, key, layer, [n for n, _ in mapped]))
-        plan += [(n, tuple(t.shape), torch_dtype) for n, t in mapped]
+        outputs = mapped(name, meta)
+        per_entry.append((name, key, layer))
+        plan += [(n, tuple(t.shape), out_dtype(n)) for n, t in outputs]
     if not plan:
         raise ConversionError(f"{src}: no model tensors found")
     shards = plan_shards(plan, int(max_shard_gb * 2**30))
@@ -119,9 +139,9 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int] =
         writers = iter([ShardWriter(tmp / f, s) for f, s in zip(names, shards)])
         current, left = next(writers), len(shards[0])
         bar = _progress(len(per_entry), "mcore-to-hf", progress)
-        for name, key, layer, _ in per_entry:
-            for hf_name, t in _select(to_hf({name: reader.read(key, layer)}, dims), lm_only):
-                current.write(hf_name, t.to(torch_dtype))
+        for name, key, layer in per_entry:
+            for hf_name, t in mapped(name, reader.read(key, layer)):
+                current.write(hf_name, t.to(out_dtype(hf_name)))
                 left -= 1
                 if left == 0:
                     current.close()
@@ -130,17 +150,25 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int] =
             bar.update(1)
         bar.close()
         index = write_index(tmp, shards, names)
-        config = hf_config.llama_config(cfg, dtype) if lm_only else hf_config.emu2_config(cfg, dtype)
+        remote_code = layout == "hf" and not lm_only
+        config = hf_config.llama_config(cfg, dtype) if lm_only else hf_config.emu2_config(cfg, dtype, remote_code)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for f in TOKENIZER_FILES:
-            shutil.copyfile(tok_dir / f, tmp / f)
+        if tok_dir == tokenizer_files.bundled(src):
+            tokenizer_files.copy_verified(reader.manifest, src, tmp)
+        else:
+            for f in tokenizer_files.FILES:
+                shutil.copyfile(tok_dir / f, tmp / f)
+        if remote_code:
+            for f in HF_MODEL_FILES:
+                shutil.copyfile(HF_MODEL_DIR / f, tmp / f)
         _publish(tmp, Path(out))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("wrote %s: %d tensors, %.2f GB in %d shard(s)", out, len(plan), index["metadata"]["total_size"] / 1e9,
-             len(shards))
-    return {"tensors": len(plan), "total_size": index["metadata"]["total_size"], "shards": len(shards)}
+    log.info("wrote %s (%s layout): %d tensors, %.2f GB in %d shard(s)", out, "llama" if lm_only else layout,
+             len(plan), index["metadata"]["total_size"] / 1e9, len(shards))
+    return {"tensors": len(plan), "total_size": index["metadata"]["total_size"], "shards": len(shards),
+            "layout": "llama" if lm_only else layout, "tokenizer": os.path.abspath(tok_dir)}
 
 
 def _select(mapped: dict, lm_only: bool) -> list[tuple[str, torch.Tensor]]:
@@ -171,12 +199,13 @@ def hf_to_mcore(out: str | Path, *, hf: Optional[str] = None, llama: Optional[st
                               "parallel.virtual_pipeline_model_parallel_size=null",
                               "parallel.num_layers_in_first_pipeline_stage=null", "parallel.data_parallel_size=null"]
     if hf is not None:
-        hf_cfg = hf_config.read_json(Path(hf) / "config.json")
-        if "vision_config" not in hf_cfg:
-            raise ConversionError(f"{hf}/config.json has no vision_config: not an Emu2 directory (use --llama)")
-        sets = hf_config.lm_overrides(hf_cfg) + hf_config.vision_overrides(hf_cfg["vision_config"]) + \
-            [f"model.lm.vocab_size={hf_cfg['vocab_size']}"] + sets
-        source = {"": HFReader(hf)}
+        hf_cfg = emu2_json(hf)
+        if hf_cfg is None and config is None:
+            raise ConversionError(f"{hf}: no config.json beside the weights (BAAI's native files come without "
+                                  f"one): pass --config FILE.yaml with the architecture, e.g. "
+                                  f"examples/configs/emu2_37b.yaml")
+        sets = (hf_config.emu2_overrides(hf_cfg) if hf_cfg else []) + sets
+        source = {"": HFReader(hf)}  # reads the index / headers (a .bin: torch's weights-only load)
     else:
         if config is None:
             raise ConversionError("--llama needs --config FILE.yaml (what LLaMA does not define)")
@@ -187,6 +216,11 @@ def hf_to_mcore(out: str | Path, *, hf: Optional[str] = None, llama: Optional[st
             vis_cfg = hf_config.read_json(Path(vision) / "config.json")
             sets = hf_config.vision_overrides(vis_cfg.get("vision_config", vis_cfg)) + sets
             source["vision"] = HFReader(vision)
+    found = {}  # what each input is: the summary says it
+    for k, r in source.items():
+        f = found[k or "hf"] = {"files": r.describe(), **native_layout.describe(r.keys())}
+        log.info("--%s %s: %s layout (model. prefix: %s, ViT bias: %s), %s", k or "hf", r.source, f["layout"],
+                 f["prefix"], f["qkv_bias"], f["files"])
     try:
         if config is not None:
             cfg = load_config(config, sets)
@@ -195,37 +229,55 @@ def hf_to_mcore(out: str | Path, *, hf: Optional[str] = None, llama: Optional[st
         cfg = validate(cfg, tp * pp)
     except Exception as e:  # ConfigError and friends: name what is wrong, write nothing
         raise ConversionError(f"configuration: {e}") from None
+    # The tokenizer travels with the checkpoint: data.tokenizer if given, else the HF directory's.
+    tok = cfg.data.tokenizer
+    if not tok and hf is not None and tokenizer_files.is_tokenizer_dir(source[""].dir):
+        tok = str(source[""].dir)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=tokenizer_files.absolute(tok)))
     tmp = _staging(Path(out))
     try:
         from megatron_emu.parallel.local_launch import run_local
 
-        counts = run_local(tp * pp, _save_rank, cfg, {k: str(v.dir) for k, v in source.items()}, str(tmp),
+        counts = run_local(tp * pp, _save_rank, cfg, {k: str(v.source) for k, v in source.items()}, str(tmp),
                            progress, cpu_only=True)
         parts = sorted((tmp / "parts").iterdir())
         stream_writer.merge_parts(parts, tmp)
         (tmp / "parts").rmdir()
         meta = {"iteration": 0, "kind": "weights", "layout": {"tp": tp, "pp": pp, "vpp": None, "dp": 1},
                 "config": asdict(cfg)}
-        (tmp / "megatron_emu.json").write_text(json.dumps(meta, indent=1) + "\n")
+        (tmp / paths.META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        if tokenizer_files.is_tokenizer_dir(tok):
+            tokenizer_files.bundle(tok, tmp)
         integrity.build(tmp)
         _publish(tmp, Path(out))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("wrote %s (TP %d x PP %d) from %s", out, tp, pp, hf or llama)
-    return {"layout": {"tp": tp, "pp": pp}, "converted_tensors_per_rank": counts}
+    return {"layout": {"tp": tp, "pp": pp}, "input": found, "converted_tensors_per_rank": counts,
+            "tokenizer": cfg.data.tokenizer if tokenizer_files.is_tokenizer_dir(tok) else None}
+
+
+def emu2_json(hf: str | Path) -> Optional[dict]:
+    """The Emu2 ``config.json`` in ``hf`` (a directory, or beside a weights file), or None."""
+    path = Path(hf) if Path(hf).is_dir() else Path(hf).parent
+    if not (path / "config.json").is_file():
+        return None
+    hf_cfg = hf_config.read_json(path / "config.json")
+    if "vision_config" not in hf_cfg:
+        raise ConversionError(f"{path}/config.json has no vision_config: not an Emu2 directory (use --llama)")
+    return hf_cfg
 
 
 def config_from_hf(hf: str, extra: list[str] = ()):
     """An EmuConfig whose model is entirely defined by an Emu2 HF directory's config.json."""
     from megatron_emu.config.io import apply_overrides, from_dict
 
-    hf_cfg = hf_config.read_json(Path(hf) / "config.json")
-    if "vision_config" not in hf_cfg:
-        raise ConversionError(f"{hf}/config.json has no vision_config: not an Emu2 directory")
-    sets = hf_config.lm_overrides(hf_cfg) + hf_config.vision_overrides(hf_cfg["vision_config"]) + \
-        [f"model.lm.vocab_size={hf_cfg['vocab_size']}",
-         f"train.seq_length={hf_cfg.get('max_position_embeddings', 2048)}", *extra]
+    hf_cfg = emu2_json(hf)
+    if hf_cfg is None:
+        raise ConversionError(f"{hf}: no config.json (an Emu2 directory has one)")
+    sets = hf_config.emu2_overrides(hf_cfg) + \
+        [f"train.seq_length={hf_cfg.get('max_position_embeddings', 2048)}", *extra]
     return from_dict(apply_overrides({"model": {"vision": {}, "adapter": {}, "lm": {},
                                                "params_dtype": "float32"}}, sets))
 
@@ -251,6 +303,12 @@ def _save_rank(rank: int, cfg, dirs: dict, out: str, progress: bool) -> int:
     from megatron_emu.model.builder import build_model_chunks
     from megatron_emu.parallel.groups import init_distributed, init_model_parallel
 
+    from torch.utils.serialization import config as serialization
+
+    # The zip CRC-32 torch.save computes for every item costs a pass over the data that nothing
+    # reads (torch.load does not check it); checksums.json covers the files. This rank process
+    # (and the writer processes megatron-core forks from it) only.
+    serialization.save.compute_crc32 = False
     init_distributed()
     pgs = init_model_parallel(cfg)
     targets = stream_writer.rank_targets(build_model_chunks(cfg, pgs, meta=True))

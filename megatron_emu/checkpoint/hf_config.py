@@ -26,23 +26,28 @@ def _lm_fields(cfg: EmuConfig, dtype: str) -> dict:
     }
 
 
-def emu2_config(cfg: EmuConfig, dtype: str) -> dict:
-    """Every field of BAAI/Emu2's config.json (no ``model_type``, as the original)."""
+def emu2_config(cfg: EmuConfig, dtype: str, remote_code: bool = True) -> dict:
+    """Every field of BAAI/Emu2's (or, ``model.model_version: chat``, Emu2-Chat's) config.json (no
+    ``model_type``, as the original); ``remote_code``: with the ``auto_map`` naming our
+    ``configuration_emu.py`` / ``modeling_emu.py``."""
     v = cfg.model.vision
+    chat = cfg.model.model_version == "chat"
     out = {
         "_name_or_path": "emu2", "architectures": ["EmuForCausalLM"],
         "auto_map": {"AutoConfig": "configuration_emu.EmuConfig",
                      "AutoModelForCausalLM": "modeling_emu.EmuForCausalLM"},
-        "d_model": v.width, "model_version": "base", "transformers_version": "4.31.0",
+        "d_model": v.width, "model_version": cfg.model.model_version, "transformers_version": "4.31.0",
         **_lm_fields(cfg, dtype),
         "vision_config": {
             "drop_path_rate": 0, "eva_model_name": "eva-clip-E-14-plus", "head_width": v.width // v.num_heads,
             "image_size": v.image_size, "intermediate_size": v.mlp_dim, "layer_norm_eps": v.layer_norm_eps,
             "layers": v.num_layers, "mlp_ratio": v.mlp_dim / v.width, "n_query": cfg.model.adapter.n_query,
             "patch_size": v.patch_size, "postnorm": v.postnorm, "qkv_bias": True,
-            "v_query": cfg.model.adapter.n_query, "width": v.width, "xattn": True,
+            "v_query": min(64, cfg.model.adapter.n_query), "width": v.width, "xattn": not chat,
         },
     }
+    if not remote_code:
+        del out["auto_map"]
     return dict(sorted(out.items()))
 
 
@@ -82,3 +87,10 @@ def vision_overrides(hf: dict) -> list[str]:
     if "n_query" in v:
         out.append(f"model.adapter.n_query={v['n_query']}")
     return out
+
+
+def emu2_overrides(hf: dict) -> list[str]:
+    """Every model override an Emu2 config.json defines (LM, vision, vocabulary, version)."""
+    version = hf.get("model_version", "base")
+    return lm_overrides(hf) + vision_overrides(hf["vision_config"]) + [
+        f"model.lm.vocab_size={hf['vocab_size']}", f"model.model_version={version}"]

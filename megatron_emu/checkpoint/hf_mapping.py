@@ -31,6 +31,8 @@ class Dims:
     lm_query_groups: int
     vocab_size: int
     padded_vocab_size: int
+    lm_head_dim: int = 128
+    rope_theta: float = 10000.0
 
     @classmethod
     def from_config(cls, cfg) -> "Dims":
@@ -39,7 +41,7 @@ class Dims:
         lm = cfg.model.lm
         return cls(cfg.model.vision.num_heads, lm.num_attention_heads,
                    lm.num_query_groups or lm.num_attention_heads, lm.vocab_size,
-                   padded_vocab_size(lm))
+                   padded_vocab_size(lm), lm.hidden_size // lm.num_attention_heads, lm.rope_theta)
 
 
 def _fuse_grouped_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
@@ -142,13 +144,15 @@ def to_hf(ours: dict[str, torch.Tensor], dims: Dims) -> dict[str, torch.Tensor]:
 
 
 def from_hf(hf: dict[str, torch.Tensor], dims: Dims) -> dict[str, torch.Tensor]:
-    """HF Emu2 names -> canonical state dict (vocabulary rows zero-padded). Ignores
+    """HF Emu2 names -> canonical state dict (vocabulary rows zero-padded). The ViT bias may
+    be fused (``attn.qkv.bias``) or BAAI's separate ``attn.q_bias`` / ``attn.v_bias``. Ignores
     ``rotary_emb.inv_freq`` buffers; any other unknown key is an error."""
     inverse_top = {v: k for k, v in _TOP.items()}
     inv_vit = {v: k for k, v in _VIT_SIMPLE.items()}
     inv_lm = {v: k for k, v in _LM_SIMPLE.items()}
     ours: dict[str, torch.Tensor] = {}
     pending: dict[str, dict[str, torch.Tensor]] = {}
+    vit_biases: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in hf.items():
         if name.endswith("rotary_emb.inv_freq"):
             continue
@@ -165,6 +169,8 @@ def from_hf(hf: dict[str, torch.Tensor], dims: Dims) -> dict[str, torch.Tensor]:
                 q, k, v = torch.chunk(t, 3, dim=0)
                 ours[base + "self_attention.linear_qkv." + rest.rsplit(".", 1)[1]] = _fuse_grouped_qkv(
                     q, k, v, dims.vision_heads, dims.vision_heads)
+            elif rest in ("attn.q_bias", "attn.v_bias"):  # BAAI's native layout: k bias is zero
+                vit_biases.setdefault(i, {})[rest[5]] = t
             elif rest in inv_vit:
                 ours[base + inv_vit[rest]] = t
             else:
@@ -181,6 +187,12 @@ def from_hf(hf: dict[str, torch.Tensor], dims: Dims) -> dict[str, torch.Tensor]:
                 raise KeyError(f"unknown HF LM key {name!r}")
         else:
             raise KeyError(f"unknown HF key {name!r}")
+    for i, qv in vit_biases.items():
+        base = f"vision.blocks.layers.{i}.self_attention.linear_qkv."
+        if set(qv) != {"q", "v"} or base + "bias" in ours:
+            raise KeyError(f"ViT block {i}: needs both attn.q_bias and attn.v_bias, or attn.qkv.bias alone")
+        q, v = qv["q"], qv["v"]
+        ours[base + "bias"] = _fuse_grouped_qkv(q, torch.zeros_like(q), v, dims.vision_heads, dims.vision_heads)
     for i, parts in pending.items():
         base = f"decoder.layers.{i}."
         try:

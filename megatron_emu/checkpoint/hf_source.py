@@ -14,14 +14,25 @@ import re
 
 import torch
 
+from megatron_emu.checkpoint import native_layout
 from megatron_emu.checkpoint.hf_mapping import HF_LM, HF_LM_HEAD, Dims, from_hf
-from megatron_emu.checkpoint.safetensors_io import HFReader
+from megatron_emu.checkpoint.hf_reader import HFReader
 
 VOCAB_NAMES = ("embedding.word_embeddings.weight", "heads.output_layer.weight")
 _HF_GROUP = re.compile(r"^(model\.visual\.blocks\.\d+\.|model\.decoder\.lm\.model\.layers\.\d+\.)")
 _OUR_GROUP = re.compile(r"^(vision\.blocks\.layers\.\d+\.|decoder\.layers\.\d+\.)")
-_RENAMES = {"": {}, "llama": {"model.": HF_LM, "lm_head.": "model.decoder.lm.lm_head."},
-            "vision": {"model.visual.": "model.visual.", "visual.": "model.visual."}}
+_LLAMA_RENAMES = {"model.": HF_LM, "lm_head.": "model.decoder.lm.lm_head."}
+
+
+def emu2_name(src: str, name: str) -> str:
+    """An input tensor name -> its Emu2 HF name: LLaMA's names move under ``model.decoder.lm``;
+    an Emu2 or vision input may use the HF or BAAI's native layout (``native_layout``)."""
+    if src != "llama":
+        return native_layout.hf_name(name)
+    for old, repl in _LLAMA_RENAMES.items():
+        if name.startswith(old):
+            return repl + name[len(old):]
+    return name
 
 
 class SourceError(ValueError):
@@ -35,13 +46,12 @@ class CanonicalSource:
         self.where: dict = {}  # Emu2 HF name -> (input, original name)
         for src, reader in self.readers.items():
             for name in reader.keys():
-                new = name
-                for old, repl in _RENAMES[src].items():
-                    if name.startswith(old):
-                        new = repl + name[len(old):]
-                        break
+                new = emu2_name(src, name)
                 if src == "vision" and not new.startswith("model.visual."):
                     continue
+                if new in self.where:
+                    raise SourceError(f"{reader.source}: {self.where[new][1]!r} and {name!r} are the same "
+                                      f"tensor in two layouts; keep one")
                 if not new.endswith("rotary_emb.inv_freq"):
                     self.where[new] = (src, name)
         if "vision" in self.readers and not any(n.startswith("model.visual.") for n in self.where):
@@ -53,6 +63,15 @@ class CanonicalSource:
         for n in self.where:
             m = _HF_GROUP.match(n)
             self.groups.setdefault(m.group(1) if m else n, []).append(n)
+
+    def describe(self) -> dict:
+        """What was found, per input: file format and layout (``native_layout.describe``)."""
+        return {src or "hf": {"files": r.describe(), **native_layout.describe(r.keys())}
+                for src, r in self.readers.items()}
+
+    def canonical_all(self) -> dict[str, torch.Tensor]:
+        """Every input tensor, mapped (the whole model at once: for small models)."""
+        return self.canonical(list(self.groups))
 
     def _map(self, hf: dict) -> dict:
         try:

@@ -5,14 +5,13 @@ every transformer layer's tensor is stored as its own chunk(s) (one per TP shard
 stacked key with a leading layer axis). This reader assembles the full, unsharded tensor of one
 key (or of one layer of a stacked key) from its chunks, so memory stays at about one layer,
 whatever layout the checkpoint was saved with. No process group, no model, no optimizer state.
-``.metadata`` is read by the allow-list unpickler (``safe_pickle``), tensor chunks with
-``torch.load(weights_only=True)``, and every file's bytes are checked against the checkpoint's
-``checksums.json`` as they are read (``verify``).
+``.metadata`` is read by the allow-list unpickler (``safe_pickle``), tensor chunks by torch's
+weights-only unpickler without copying their data (``dcp_item``), and every file's bytes are
+checked against the checkpoint's ``checksums.json`` as they are read (``verify``).
 """
 
 from __future__ import annotations
 
-import io
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from megatron_emu.checkpoint.safe_pickle import torch_load
+from megatron_emu.checkpoint import dcp_item
 
 # Checkpoint key suffixes (TE-style names megatron-core writes for the local spec too) ->
 # our module's parameter names.
@@ -36,11 +35,15 @@ class CheckpointReadError(ValueError):
 
 
 class CheckpointReader:
-    def __init__(self, ckpt_dir: str | Path, verify: bool = True):
+    def __init__(self, ckpt_dir: str | Path, verify: bool = True, reuse_buffers: bool = False):
         from megatron_emu.checkpoint.dcp_reader import SafeFileSystemReader
         from megatron_emu.checkpoint.integrity import Manifest
 
         self.dir = Path(ckpt_dir)
+        # reuse_buffers: a tensor assembled from several chunks goes into a buffer kept per shape
+        # and dtype and reused by the next read of that shape (each layer has the same shapes:
+        # no fresh pages to fault in); valid only until the next read() (mcore-to-hf's loop).
+        self._buffers: Optional[dict] = {} if reuse_buffers else None
         if not (self.dir / ".metadata").is_file():
             raise CheckpointReadError(f"{self.dir} has no .metadata: not a torch_dist checkpoint directory")
         self.manifest = Manifest(self.dir, verify=verify)
@@ -104,22 +107,44 @@ class CheckpointReader:
         return self.shapes[key][1:] if layer is not None else self.shapes[key]
 
     # -- data --------------------------------------------------------------------------------
+    def _buffer(self, shape, dtype, group: str) -> torch.Tensor:
+        if self._buffers is None:
+            return torch.empty(shape, dtype=dtype)
+        if self._buffers.get("group") != group:  # the ViT's buffers are not kept for the LM's layers
+            self._buffers = {"group": group}
+        key = (tuple(shape), dtype)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, dtype=dtype)
+        return self._buffers[key]
+
     def read(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
-        """The full tensor of ``key`` (or of its ``layer``), assembled from the stored chunks."""
-        out = torch.empty(self.shape(key, layer), dtype=self.dtypes[key])
+        """The full tensor of ``key`` (or of its ``layer``), assembled from the stored chunks.
+        Each chunk is memory-mapped and verified in place (``dcp_item``); a chunk that is the
+        whole tensor is returned as it is, without a copy."""
+        shape = self.shape(key, layer)
+        out = None
         filled = 0
         for offsets, sizes, info in self._chunks[key]:
             if layer is not None and not offsets[0] <= layer < offsets[0] + sizes[0]:
                 continue
             with open(self.dir / info.relative_path, "rb") as f:
-                self.manifest.check_range(info.relative_path, f, info.offset, info.length)
-                f.seek(info.offset)
-                chunk = torch_load(io.BytesIO(f.read(info.length)), f"{self.dir / info.relative_path} ({key})")
+                self.manifest.check_size(info.relative_path, f, info.offset + info.length)
+                view = dcp_item.map_range(f.fileno(), info.offset, info.length)
+                self.manifest.check_view(info.relative_path, f, info.offset, view)
+            chunk = dcp_item.load_item(view, f"{self.dir / info.relative_path} ({key})")
+            view = None
             if layer is not None:
                 chunk, offsets = chunk[layer - offsets[0]], offsets[1:]
+            if out is None and tuple(chunk.shape) == tuple(shape) and chunk.dtype == self.dtypes[key]:
+                out, filled = chunk, chunk.numel()  # the whole tensor in one chunk
+                continue
+            if out is None:
+                out = self._buffer(shape, self.dtypes[key], next((p for p in STACKED if key.startswith(p)), ""))
             region = out[tuple(slice(o, o + s) for o, s in zip(offsets, chunk.shape))]
             region.copy_(chunk)
             filled += chunk.numel()
+        if out is None:
+            out = torch.empty(shape, dtype=self.dtypes[key])
         if filled != out.numel():
             raise CheckpointReadError(f"{self.dir}: {key}{'' if layer is None else f' layer {layer}'} "
                                       f"is incomplete ({filled} of {out.numel()} elements)")

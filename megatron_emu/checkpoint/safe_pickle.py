@@ -97,19 +97,20 @@ def read_dcp_metadata(path: Union[str, Path]):
     return load_dcp_metadata(path.read_bytes(), path)
 
 
-def torch_load(source: Union[str, Path, BinaryIO], where: Any = None) -> Any:
-    """``torch.load(weights_only=True)`` on CPU; a refusal or a broken archive is a one-line
-    ``CheckpointFileError`` naming ``where`` (default: the path)."""
+def torch_load(source: Union[str, Path, BinaryIO], where: Any = None, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` on CPU (``mmap``: storages memory-mapped from a zip
+    archive on disk); a refusal or a broken archive is a one-line ``CheckpointFileError``
+    naming ``where`` (default: the path)."""
     import torch
 
     where = source if where is None else where
     try:
-        return torch.load(source, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as e:  # weights_only refused a global or an opcode
         lines = str(e).splitlines() or [""]
-        detail = next((line.strip() for line in lines if "Unsupported" in line), lines[0].strip())
-        raise _refuse(where, f"refused by torch's weights-only loader ({detail.split('. ')[0]})") from None
+        detail = next((line.strip() for line in lines if "unsupported" in line.lower()), lines[0].strip())
+        raise _refuse(where, f"refused by torch's weights-only loader ({detail.split('. ')[0].rstrip('.')})") from None
     except Exception as e:  # noqa: BLE001 - a truncated or garbled archive
         raise _refuse(where, f"unreadable torch archive ({_detail(e)})") from None

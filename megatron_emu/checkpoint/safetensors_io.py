@@ -1,9 +1,9 @@
 """Streaming safetensors shards: the header is computed from the planned tensor list, then the
 tensors are written one by one as they are produced (never the whole shard in memory). Output
 is standard safetensors (``safetensors.safe_open`` and transformers read it) plus a
-``model.safetensors.index.json`` with ``metadata.total_size``. ``HFReader`` reads such
-directories tensor by tensor (the format is a JSON header and raw little-endian bytes: nothing
-is unpickled).
+``model.safetensors.index.json`` with ``metadata.total_size``. The format is a JSON header and
+raw little-endian bytes: nothing is unpickled. ``read_header`` validates a file's header;
+``hf_reader.HFReader`` reads such directories (and weights-only torch ``.bin`` files).
 """
 
 from __future__ import annotations
@@ -170,79 +170,3 @@ def read_header(path: Path) -> tuple[dict, int]:
         raise SafetensorsError(f"{path}: not a valid safetensors file (__metadata__ must map strings to strings)")
     _check_entries(path, header, size - 8 - n)
     return header, 8 + n
-
-
-def _read_index(index: Path) -> dict:
-    """``weight_map`` of a ``model.safetensors.index.json``: tensor name -> a file in the same
-    directory."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError):
-        raise SafetensorsError(f"{index}: not a safetensors index (no JSON object with a weight_map)") from None
-    if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and v == Path(v).name and v not in ("", ".", "..")
-            for k, v in weight_map.items()):
-        raise SafetensorsError(f"{index}: weight_map must map tensor names to file names in {index.parent}")
-    return weight_map
-
-
-class HFReader:
-    """Lazy access to the tensors of an HF directory (sharded or single safetensors file).
-
-    Tensors are read with plain file reads into fresh buffers, not through a memory map: a
-    mapped multi-GB shard would otherwise count towards the process's resident memory as it is
-    read, defeating the converter's one-layer-at-a-time bound."""
-
-    def __init__(self, directory: str | Path):
-        self.dir = Path(directory)
-        index = self.dir / INDEX_FILE
-        if index.is_file():
-            weight_map = _read_index(index)
-        elif (self.dir / "model.safetensors").is_file():
-            weight_map = {k: "model.safetensors" for k in read_header(self.dir / "model.safetensors")[0]}
-        else:
-            raise FileNotFoundError(f"{self.dir}: no {INDEX_FILE} or model.safetensors (only safetensors "
-                                    f"checkpoints are read: no pickled .bin files)")
-        missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
-        if missing:
-            raise FileNotFoundError(f"{self.dir}: missing shard(s) {missing}")
-        self.weight_map = weight_map
-        self._headers: dict = {}
-
-    def keys(self) -> list[str]:
-        return list(self.weight_map)
-
-    def _entry(self, name: str) -> tuple[Path, dict, int]:
-        if name not in self.weight_map:
-            raise KeyError(f"{self.dir}: no tensor {name!r}")
-        fname = self.weight_map[name]
-        if fname not in self._headers:
-            self._headers[fname] = read_header(self.dir / fname)
-        header, start = self._headers[fname]
-        if name not in header:
-            raise SafetensorsError(f"{self.dir / fname}: the index lists {name!r} but the file does not hold it")
-        entry = header[name]
-        if entry["dtype"] not in _ST_DTYPES:
-            raise SafetensorsError(f"{self.dir / fname}: {name!r} has dtype {entry['dtype']}, which this "
-                                   f"converter does not read ({', '.join(sorted(_ST_DTYPES))})")
-        return self.dir / fname, entry, start
-
-    def shape(self, name: str) -> tuple:
-        return tuple(self._entry(name)[1]["shape"])
-
-    def meta(self, name: str) -> torch.Tensor:
-        """A ``meta`` tensor with the stored shape and dtype (reads the header only)."""
-        _, entry, _ = self._entry(name)
-        return torch.empty(tuple(entry["shape"]), dtype=_ST_DTYPES[entry["dtype"]], device="meta")
-
-    def get(self, name: str) -> torch.Tensor:
-        path, entry, start = self._entry(name)
-        dtype, shape = _ST_DTYPES[entry["dtype"]], tuple(entry["shape"])
-        begin, end = entry["data_offsets"]  # validated by read_header
-        out = torch.empty(shape, dtype=dtype)
-        if out.numel():
-            with open(path, "rb") as f:
-                f.seek(start + begin)
-                if f.readinto(out.reshape(-1).view(torch.uint8).numpy()) != end - begin:
-                    raise SafetensorsError(f"{path}: truncated data for {name!r}")
-        return out

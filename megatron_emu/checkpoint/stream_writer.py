@@ -8,9 +8,10 @@ and saves just those with megatron-core into ``parts/NNNN/``. A part holds at mo
 each stacked key (``decoder.layers.*``, ``vision.blocks.layers.*``), saved as a one-layer stack
 so that every part is a complete checkpoint by itself (megatron-core checks its access
 integrity; it also cannot describe a partial stack on a single rank). ``merge_parts`` then
-joins the parts into one checkpoint: per-rank ``.distcp`` files are concatenated (each item is
-addressed by file, offset and length, so only the offsets shift), the torch DCP ``.metadata``
-of the parts is merged with each layer put back at its index, and every tensor is checked to
+joins the parts into one checkpoint: the parts' ``.distcp`` files are moved into it under names
+of their own (each item is addressed by file, offset and length, so only the file names change:
+no data is copied), the torch DCP ``.metadata`` of the parts is merged with each layer put
+back at its index, and every tensor is checked to
 be covered exactly by its chunks. The result is what one
 ``dist_checkpointing.save`` at the same layout would have written, without ``_extra_state``
 objects (``checkpointing.load_weights`` accepts their absence).
@@ -78,11 +79,19 @@ def part_layers(names: list[str]) -> dict[str, int]:
 
 def fill(target, offsets: tuple, full: torch.Tensor, dtype: torch.dtype):
     """A copy of ``target`` (a meta ShardedTensor) holding its region of the canonical ``full``
-    tensor as its own, contiguous storage (so only the region is written). A stacked key's
+    tensor as its own, contiguous storage (so only the region is written): a view of ``full``'s
+    bytes when the region is contiguous and of the right dtype, else a copy. A stacked key's
     tensor is addressed as a one-layer stack (its part is then complete on its own; the merge
     puts the layer back at its index)."""
     region = full[tuple(slice(o, o + n) for o, n in zip(offsets, target.data.shape))]
-    data = region.to(dtype=dtype, copy=True).contiguous()
+    if region.dtype == dtype and region.is_contiguous():
+        # A storage of exactly the region's bytes, sharing them (torch.save writes a tensor's
+        # whole storage): the region is saved as it is, without a copy.
+        start = region.storage_offset() * region.element_size()
+        storage = region.untyped_storage()[start:start + region.nbytes]
+        data = torch.empty(0, dtype=dtype).set_(storage, 0, region.shape, region.stride())
+    else:
+        data = region.to(dtype=dtype, copy=True).contiguous()
     if target.prepend_axis_num:
         return dataclasses.replace(target, data=data, global_shape=(1, *target.global_shape[1:]),
                                    global_offset=(0, *target.global_offset[1:]),
@@ -94,27 +103,27 @@ def save_part(part_dir: Path, tensors: list, layers: dict[str, tuple[int, int]])
     """Collective: every rank saves its (possibly empty) list of filled ShardedTensors;
     ``layers``: stacked-key prefix -> (layer index, layer count) of this part, for the merge."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     if torch.distributed.get_rank() == 0:
         part_dir.mkdir(parents=True, exist_ok=False)
     torch.distributed.barrier()
-    dist_checkpointing.save({f"t{i}": sh for i, sh in enumerate(tensors)}, str(part_dir))
+    # One writer (megatron-core forks a process per writer for every save): one file per rank.
+    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+    dist_checkpointing.save({f"t{i}": sh for i, sh in enumerate(tensors)}, str(part_dir), sharded_strategy=strategy)
     if torch.distributed.get_rank() == 0:
         (part_dir / LAYERS_FILE).write_text(json.dumps(layers))
     torch.distributed.barrier()
 
 
-def _append(src: Path, dest: Path) -> int:
-    """Append ``src`` to ``dest`` (moved when ``dest`` does not exist); returns the offset at
-    which ``src``'s bytes now start."""
-    if not dest.exists():
-        os.replace(src, dest)
-        return 0
-    start = dest.stat().st_size
-    with open(src, "rb") as fin, open(dest, "ab") as fout:
-        shutil.copyfileobj(fin, fout, 64 << 20)
-    src.unlink()
-    return start
+def _move(src: Path, out: Path, part: int) -> str:
+    """Move a part's data file ``__<rank>_<n>.distcp`` into ``out`` under a name of its own
+    (``__<rank>_<part>[_<n>].distcp``: the writing rank stays the prefix); returns the name.
+    A rename: the data is never copied."""
+    rank, _, n = src.stem[2:].partition("_")
+    name = f"__{rank}_{part}.distcp" if n in ("", "0") else f"__{rank}_{part}_{n}.distcp"
+    os.replace(src, out / name)
+    return name
 
 
 def merge_parts(parts: list[Path], out: Path) -> dict:
@@ -131,10 +140,10 @@ def merge_parts(parts: list[Path], out: Path) -> dict:
     from torch.distributed.checkpoint.metadata import Metadata
 
     fields = {f.name for f in dataclasses.fields(Metadata)}
-    for part in parts:
+    for k, part in enumerate(parts):
         md = read_dcp_metadata(part / ".metadata")  # written just now by save_part
         first = first or md
-        shift = {f.name: _append(f, out / f.name) for f in sorted(part.glob("*.distcp"))}
+        moved = {f.name: _move(f, out, k) for f in sorted(part.glob("*.distcp"))}
         layers = json.loads((part / LAYERS_FILE).read_text())
 
         def placed(key: str, offsets) -> torch.Size:  # a one-layer stack -> its layer's offsets
@@ -170,7 +179,7 @@ def merge_parts(parts: list[Path], out: Path) -> dict:
                 index = dataclasses.replace(index, offset=placed(index.fqn, index.offset))
             if index in storage:
                 raise MergeError(f"{index.fqn} at {tuple(index.offset)} is written by two parts")
-            storage[index] = dataclasses.replace(info, offset=info.offset + shift[info.relative_path])
+            storage[index] = dataclasses.replace(info, relative_path=moved[info.relative_path])
         if isinstance(md.planner_data, dict):
             planner.update(md.planner_data)
         for attr, value in vars(md).items():  # attributes set beside the dataclass fields

@@ -56,7 +56,8 @@ class StopForwarder(threading.Thread):
                 if signum != self.signal:  # SLURM may send the same one twice (to the step and via srun)
                     _say(f"{signal.Signals(signum).name}: asking {len(me.children()) or 'the'} rank(s) to finish "
                          f"the step, save a checkpoint and exit (killed after {self.grace_s:g} s)")
-                self.signal, self._sent = signal.Signals(signum), set()
+                if signum != self.signal:  # a new signal reaches every rank; a repeat is not re-sent
+                    self.signal, self._sent = signal.Signals(signum), set()
                 self._forward(me)
             if first:
                 threading.Thread(target=self._supervise, args=(me,), name="stop-supervisor", daemon=True).start()

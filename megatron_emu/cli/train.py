@@ -96,6 +96,9 @@ def _standalone(cfg, argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``megatron-emu-train`` entry point (``argv`` None: the process's own arguments; a
+    caller that passes ``argv`` keeps its signal handlers afterwards)."""
+    entry_point = argv is None
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     signals = None
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return _main(args, argv, signals)
     finally:
         if signals is not None:
-            signals.restore()
+            signals.ignore_from_now() if entry_point else signals.restore()
 
 
 def _main(args, argv: list[str], signals) -> int:

@@ -96,6 +96,10 @@ class ModelConfig:
     # Weights/activations dtype. fp32 on CPU makes layouts and resumes exactly comparable.
     params_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     init_method_std: float = 0.02
+    # The Hugging Face ``model_version``: "base" (Emu2, Emu2-Gen) or "chat" (Emu2-Chat: [USER] and
+    # [ASSISTANT] at ids 32272 / 32273, vocab_size 32274; 256 visual tokens per image there).
+    # Conversion writes and reads it; the architecture is the same.
+    model_version: Literal["base", "chat"] = "base"
 
 
 @dataclass(kw_only=True)

@@ -86,6 +86,10 @@ def _lm(errors: list[str], cfg: EmuConfig) -> None:
     if lm.vocab_size < needed:
         errors.append(f"model.lm.vocab_size ({lm.vocab_size}) must hold the Emu2 special token "
                       f"ids (at least {needed}; Emu2 uses {special_tokens.EMU2_VOCAB_SIZE})")
+    if cfg.model.model_version == "chat" and lm.vocab_size < special_tokens.CHAT_VOCAB_SIZE:
+        errors.append(f"model.model_version chat: model.lm.vocab_size ({lm.vocab_size}) must hold [USER] and "
+                      f"[ASSISTANT] (ids {special_tokens.USER_ID}, {special_tokens.ASSISTANT_ID}; Emu2-Chat uses "
+                      f"{special_tokens.CHAT_VOCAB_SIZE})")
     seq = cfg.train.seq_length
     if seq > lm.max_position_embeddings:
         errors.append(f"train.seq_length ({seq}) exceeds model.lm.max_position_embeddings "

@@ -61,7 +61,9 @@ class Emu2Batch:
         return replace(self, **{k: None for k in self.tensors() if k not in names})
 
     def pin_memory(self) -> "Emu2Batch":
-        return replace(self, **{k: None if v is None or v.device.type != "cpu" else v.pin_memory()
+        """Host tensors page-locked (for ``non_blocking`` copies); device tensors (images
+        decoded on the GPU) kept as they are."""
+        return replace(self, **{k: v if v is None or v.device.type != "cpu" else v.pin_memory()
                                 for k, v in self.tensors().items()})
 
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32,

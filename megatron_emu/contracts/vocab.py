@@ -30,6 +30,11 @@ TOKEN_IDS: dict[str, int] = {tok: LLAMA_VOCAB_SIZE + i for i, tok in enumerate(A
 TOKEN_IDS.update({"<unk>": UNK_ID, "<s>": BOS_ID, "</s>": EOS_ID})
 EMU2_VOCAB_SIZE = LLAMA_VOCAB_SIZE + len(ADDED_TOKENS)  # 32272
 
+# Emu2-Chat adds [USER] and [ASSISTANT] right after.
+CHAT_IDS: dict[str, int] = {tok: EMU2_VOCAB_SIZE + i for i, tok in enumerate(CHAT_TOKENS)}
+USER_ID, ASSISTANT_ID = CHAT_IDS["[USER]"], CHAT_IDS["[ASSISTANT]"]
+CHAT_VOCAB_SIZE = EMU2_VOCAB_SIZE + len(CHAT_TOKENS)  # 32274
+
 PAD_ID = TOKEN_IDS[PAD]
 IMG_ID = TOKEN_IDS[IMG]
 IMG_END_ID = TOKEN_IDS[IMG_END]

@@ -13,6 +13,7 @@ the device group, their shape known from the header.
 
 from __future__ import annotations
 
+import datetime
 from typing import Optional, Sequence
 
 import torch
@@ -63,10 +64,10 @@ class BatchSource:
                 error = e
         if self.cpu_group is not None:
             self._share_error(error)
-            batch = self._broadcast(batch)
+            batch = self._broadcast(batch)  # peers receive into pinned buffers directly
         elif error is not None:
             raise error
-        return batch.pin_memory() if self.pin else batch
+        return batch.pin_memory() if self.pin and self.is_source else batch
 
     # -- state (only the source has a loader; rank 0 is always a source) ----------------------
     def state_dict(self) -> Optional[dict]:
@@ -125,17 +126,18 @@ class BatchSource:
                 t = getattr(batch, name).contiguous()
             else:
                 shape = [int(x) for x in header[i, 3:3 + ndim]]
-                t = torch.empty(shape, dtype=_DTYPES[name],
-                                device=device.device() if on_device else "cpu")
+                t = torch.empty(shape, dtype=_DTYPES[name], device=device.device() if on_device else "cpu",
+                                pin_memory=self.pin and not on_device)
             if t.numel():
                 dist.broadcast(t, self.src, group=self.device_group if on_device else self.cpu_group)
             out[name] = t
         return Emu2Batch(**out)
 
 
-def cpu_tp_groups(tp_group) -> Optional[object]:
-    """A gloo group with the ranks of this rank's TP group (collective: every rank calls it).
-    Where the default backend is gloo already, the TP group itself."""
+def cpu_tp_groups(tp_group, timeout_s: Optional[float] = None) -> Optional[object]:
+    """A gloo group with the ranks of this rank's TP group (collective: every rank calls it),
+    with the job's collective timeout. Where the default backend is gloo already, the TP
+    group itself."""
     if dist.get_world_size(tp_group) == 1:
         return None
     if dist.get_backend(tp_group) == "gloo":
@@ -148,7 +150,8 @@ def cpu_tp_groups(tp_group) -> Optional[object]:
     found = None
     for ranks in groups:  # every rank creates every group, in the same order
         assert len(ranks) == tp
-        g = dist.new_group(list(ranks), backend="gloo")
+        g = dist.new_group(list(ranks), backend="gloo",
+                           timeout=None if timeout_s is None else datetime.timedelta(seconds=timeout_s))
         if dist.get_rank() in ranks:
             found = g
     return found

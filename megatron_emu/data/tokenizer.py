@@ -49,16 +49,19 @@ class Emu2Tokenizer:
                                  f"exactly {st.LLAMA_VOCAB_SIZE} before the special tokens")
         table = json.loads(added.read_text())
         expected = {tok: st.TOKEN_IDS[tok] for tok in st.ADDED_TOKENS}
+        self.chat = any(tok in table for tok in st.CHAT_TOKENS)  # Emu2-Chat: [USER], [ASSISTANT]
+        if self.chat:
+            expected.update(st.CHAT_IDS)
         wrong = {k: v for k, v in table.items() if expected.get(k) != v}
         missing = sorted(set(expected) - set(table))
         if wrong or missing:
             raise TokenizerError(f"{added} disagrees with the Emu2 special-token ids: "
                                  f"wrong {dict(list(wrong.items())[:3])}, missing {missing[:3]}")
-        self.id_to_special = {v: k for k, v in st.TOKEN_IDS.items() if v >= st.LLAMA_VOCAB_SIZE}
+        self.id_to_special = {v: k for k, v in expected.items()}
 
     @property
     def vocab_size(self) -> int:
-        return st.EMU2_VOCAB_SIZE
+        return st.CHAT_VOCAB_SIZE if self.chat else st.EMU2_VOCAB_SIZE
 
     def fingerprint(self) -> str:
         """sha256 of the SentencePiece model (recorded in datasets made with this tokenizer)."""

@@ -32,7 +32,8 @@ def _has_cuda() -> bool:
 
 def load_model(ckpt: Optional[str] = None, hf: Optional[str] = None, verify: bool = True):
     """``(model chunk, cfg, tokenizer dir or None)``; call inside an initialised process group.
-    ``verify``: check the checkpoint's files against its ``checksums.json``."""
+    ``verify``: check the checkpoint's files (its tokenizer copy too) against its ``checksums.json``.
+    ``hf``: an Emu2 directory in the HF or BAAI's native layout (``hf_source``)."""
     from megatron_emu.config.io import from_dict
     from megatron_emu.model.builder import build_model_chunks
     from megatron_emu.parallel.groups import init_distributed, init_model_parallel
@@ -41,14 +42,23 @@ def load_model(ckpt: Optional[str] = None, hf: Optional[str] = None, verify: boo
         from megatron_emu.checkpoint.convert import resolve_checkpoint
         from megatron_emu.training.checkpointing import read_meta
 
+        from megatron_emu.checkpoint import tokenizer_files
+
         path = resolve_checkpoint(ckpt)
         cfg = _single_rank_config(from_dict(read_meta(path, verify)["config"]))
-        tokenizer = cfg.data.tokenizer
+        tokenizer = tokenizer_files.find(path, None, cfg.data.tokenizer)  # the checkpoint's own copy first
+        if tokenizer is not None and tokenizer == tokenizer_files.bundled(path) and verify:
+            from megatron_emu.checkpoint.integrity import Manifest
+
+            manifest = Manifest(path)
+            for f in tokenizer_files.FILES:
+                manifest.read_bytes(f"{tokenizer_files.SUBDIR}/{f}")
     else:
         from megatron_emu.checkpoint.convert import config_from_hf
 
         cfg = _single_rank_config(config_from_hf(hf))
-        tokenizer = hf if (Path(hf) / "tokenizer.model").is_file() else None
+        hf_dir = Path(hf) if Path(hf).is_dir() else Path(hf).parent
+        tokenizer = hf_dir if (hf_dir / "tokenizer.model").is_file() else None
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, freeze=[]))
     init_distributed()
     pgs = init_model_parallel(cfg)
@@ -58,11 +68,10 @@ def load_model(ckpt: Optional[str] = None, hf: Optional[str] = None, verify: boo
 
         load_model_state(path, [model], verify)
     else:
-        from megatron_emu.checkpoint.hf_mapping import Dims, from_hf
-        from megatron_emu.checkpoint.safetensors_io import HFReader
+        from megatron_emu.checkpoint.hf_mapping import Dims
+        from megatron_emu.checkpoint.hf_source import CanonicalSource
 
-        reader = HFReader(hf)
-        canonical = from_hf({k: reader.get(k) for k in reader.keys()}, Dims.from_config(cfg))
+        canonical = CanonicalSource({"": hf}, Dims.from_config(cfg)).canonical_all()
         missing, unexpected = model.load_state_dict(canonical, strict=False)
         missing = [m for m in missing if not m.endswith("_extra_state")]
         if missing or unexpected:

@@ -118,7 +118,9 @@ class Emu2Model(MegatronModule):
 
         A frozen ViT runs without autograd (no activations kept).
         """
-        frozen = not any(p.requires_grad for p in self.vision.parameters())
+        frozen = getattr(self, "_vision_frozen", None)
+        if frozen is None:  # freezing happens once, after the model is built
+            frozen = self._vision_frozen = not any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             feats = pool_patches(self.vision(images), self.spec.model.adapter.n_query)
         return feats.reshape(-1, feats.shape[-1])

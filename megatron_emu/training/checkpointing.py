@@ -7,6 +7,8 @@ Layout under ``checkpoint.dir``::
     iter_0000020/megatron_emu.json   iteration, consumed samples, scheduler, data-loader position,
                              skip counters, the layout and the resolved config (JSON, no pickle)
     iter_0000020/checksums.json      CRC-32 of every file of the iteration (checkpoint/integrity.py)
+    iter_0000020/tokenizer/  a copy of data.tokenizer (stored as an absolute path): the checkpoint
+                             converts and generates without --tokenizer (checkpoint/tokenizer_files.py)
     latest                   "iter_0000020": written last, atomically
     .lock                    the job that writes here (training/dir_lock.py)
 
@@ -41,9 +43,10 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_emu.checkpoint import mcore_load
 from megatron_emu.checkpoint.integrity import Manifest
+from megatron_emu.checkpoint.paths import iter_name, resolve  # noqa: F401  (part of this module's API)
 from megatron_emu.checkpoint.safe_pickle import CheckpointFileError
 from megatron_emu.training import ckpt_publish
-from megatron_emu.training.ckpt_publish import LATEST, META_FILE
+from megatron_emu.training.ckpt_publish import META_FILE
 
 log = logging.getLogger("megatron_emu.checkpoint")
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -51,25 +54,6 @@ OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used with this configuration (message says why)."""
-
-
-def iter_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
-
-def resolve(path: str | Path) -> Optional[Path]:
-    """A checkpoint directory: ``path`` itself when it is one iteration, else what its
-    ``latest`` points at; None when there is nothing."""
-    path = Path(path)
-    if (path / META_FILE).is_file():
-        return path
-    latest = path / LATEST
-    if latest.is_file():
-        target = path / latest.read_text().strip()
-        if (target / META_FILE).is_file():
-            return target
-        raise CheckpointError(f"{latest} points at {target.name}, which is not a complete checkpoint")
-    return None
 
 
 def read_meta(ckpt: Path, verify: bool = True) -> dict:
@@ -183,8 +167,9 @@ def save(directory: str | Path, model: list, optimizer, pgs, meta: dict, keep_la
         tmp.mkdir(parents=True)
     _barrier()
     state = _sharded(model, optimizer, pgs, with_optimizer=True, with_rng=True, loading=False)
+    meta, tokenizer = _with_tokenizer(meta)
     publish = functools.partial(ckpt_publish.publish, directory, name, json.dumps(meta, indent=1) + "\n",
-                                keep_last)
+                                keep_last, tokenizer=tokenizer)
     if async_queue is not None:
         request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True, **_ASYNC_KW)
         request.finalize_fns.append(publish)
@@ -195,6 +180,20 @@ def save(directory: str | Path, model: list, optimizer, pgs, meta: dict, keep_la
     _fault_injection(meta["iteration"])
     publish()
     return directory / name
+
+
+def _with_tokenizer(meta: dict) -> tuple[dict, Optional[str]]:
+    """``meta`` with ``data.tokenizer`` made absolute, and that tokenizer directory (copied into
+    the checkpoint by ``publish``: ``checkpoint/tokenizer_files.py``)."""
+    from megatron_emu.checkpoint.tokenizer_files import absolute
+
+    data = (meta.get("config") or {}).get("data") or {}
+    tokenizer = absolute(data.get("tokenizer"))
+    if not tokenizer:
+        return meta, None
+    meta = json.loads(json.dumps(meta))
+    meta["config"]["data"]["tokenizer"] = tokenizer
+    return meta, tokenizer
 
 
 def _fault_injection(iteration: int) -> None:
@@ -270,11 +269,7 @@ def all_finite(model: list) -> bool:
     """True when every parameter on every rank is finite (all ranks call this)."""
     from megatron_emu.utils import device
 
-    bad = torch.zeros(1, device=device.device())
-    for m in model:
-        for p in m.parameters():
-            if not torch.isfinite(p.data).all():
-                bad += 1
-                break
-    torch.distributed.all_reduce(bad)
+    flags = [torch.isfinite(p.data).all() for m in model for p in m.parameters()]
+    bad = (~torch.stack(flags)).sum().float().reshape(1) if flags else torch.zeros(1, device=device.device())
+    torch.distributed.all_reduce(bad)  # one host read for the whole model, not one per tensor
     return bad.item() == 0

@@ -2,10 +2,10 @@
 
 Runs on every rank once megatron-core has written ``iter_NNNNNNN.tmp`` (synchronously, or as
 the finalisation of an asynchronous save). Each rank checksums and fsyncs the files it wrote
-(``__<rank>_*.distcp``: they are still in its page cache); rank 0 does the same for every other
-file, gathers the entries, writes ``checksums.json``, fsyncs the directory, renames it into
-place, fsyncs the parent, and only then replaces ``latest`` (written, fsynced, renamed, parent
-fsynced). A crash at any point leaves ``latest`` on a complete, durable checkpoint.
+(``__<rank>_*.distcp``: they are still in its page cache); rank 0 copies the run's tokenizer
+into ``tokenizer/``, does the same for every other file, gathers the entries, writes
+``checksums.json``, fsyncs the directory, renames it into place, fsyncs the parent, and only
+then replaces ``latest`` (written, fsynced, renamed, parent fsynced). A crash at any point leaves ``latest`` on a complete, durable checkpoint.
 """
 
 from __future__ import annotations
@@ -15,15 +15,16 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from megatron_emu.checkpoint import integrity
+from megatron_emu.checkpoint import integrity, tokenizer_files
 from megatron_emu.checkpoint.safe_pickle import read_dcp_metadata
 
+from megatron_emu.checkpoint.paths import LATEST, META_FILE  # noqa: F401  (re-exported)
+
 log = logging.getLogger("megatron_emu.checkpoint")
-META_FILE = "megatron_emu.json"
-LATEST = "latest"
 _RANK_FILE = re.compile(r"__(\d+)_")
 
 
@@ -60,13 +61,19 @@ def checksum_own_files(tmp: Path) -> dict:
     return integrity.hash_files(tmp, mine, ranges, sync=True)
 
 
-def publish(directory: Path, name: str, meta_text: str, keep_last: int) -> None:
-    """All ranks: see the module docstring."""
+def publish(directory: Path, name: str, meta_text: str, keep_last: int, tokenizer: Optional[str] = None) -> None:
+    """All ranks: see the module docstring. ``tokenizer``: a tokenizer directory rank 0 copies
+    into the checkpoint (``tokenizer/``, checksummed with the rest)."""
     final, tmp = directory / name, directory / f"{name}.tmp"
     rank = torch.distributed.get_rank()
     torch.distributed.barrier()  # every rank's files (and rank 0's .metadata) are written
     if rank == 0:
         write_durably(tmp / META_FILE, meta_text)
+        if tokenizer_files.is_tokenizer_dir(tokenizer):
+            tokenizer_files.bundle(tokenizer, tmp)
+        elif tokenizer:
+            log.warning("data.tokenizer %s is not a tokenizer directory (%s); the checkpoint is saved "
+                        "without one", tokenizer, ", ".join(tokenizer_files.FILES))
     entries = checksum_own_files(tmp)
     gathered = [None] * torch.distributed.get_world_size() if rank == 0 else None
     torch.distributed.gather_object(entries, gathered, dst=0)

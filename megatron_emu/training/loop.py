@@ -20,23 +20,22 @@ from typing import Optional
 import torch
 
 from megatron_emu.config import derived
-from megatron_emu.config.io import dump_config
 from megatron_emu.config.schema import EmuConfig
 from megatron_emu.data.bad_samples import BadDataError
 from megatron_emu.data.batch_source import BatchSource, cpu_tp_groups, stage_fields
 from megatron_emu.data.loader import EmuDataLoader
-from megatron_emu.model.megatron_config import fusion_plan
+from megatron_emu.parallel import agree
 from megatron_emu.parallel.groups import destroy, init_distributed
 from megatron_emu.parallel.sizes import ParallelSizes
 from megatron_emu.training import build
 from megatron_emu.training import checkpointing as ckpt
-from megatron_emu.training import dir_lock, exit_status, logs
+from megatron_emu.training import dir_lock, exit_status, logs, startup
 from megatron_emu.training.evaluate import Evaluator, validation_due
 from megatron_emu.training.flops import step_flops
-from megatron_emu.training.metrics import MetricsWriter
+from megatron_emu.training.metrics import MetricsWriter, memory_gib
 from megatron_emu.training.optimizer import module_lrs
 from megatron_emu.training.schedule import forward_backward, zero_grads
-from megatron_emu.training.signals import StopRequest
+from megatron_emu.training.signals import URGENT, StopRequest
 from megatron_emu.training.update import apply_update
 from megatron_emu.utils import device
 from megatron_emu.utils.stop_signals import StopSignals
@@ -70,7 +69,8 @@ class Trainer:
         self.dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
         self.layout = {"tp": self.sizes.tp, "pp": self.sizes.pp,
                        "vpp": cfg.parallel.virtual_pipeline_model_parallel_size, "dp": self.dp}
-        self._summary()
+        if self.rank == 0:
+            startup.summary(cfg, self.layout, self.num_micro, self.dev)
         self.model, self.optimizer, self.scheduler = build.model_and_optimizer(cfg, self.pgs)
         self.step_spec, self.optimizer_spec = build.step_spec(cfg, self.sizes), build.optimizer_spec(cfg)
         self.source = self._batch_source()
@@ -102,7 +102,7 @@ class Trainer:
             except ValueError as e:  # bad dataset directory, image size, decoder choice
                 raise TrainingError(f"data{' (validation)' if validation else ''}: {e}") from None
         if not hasattr(self, "_cpu_tp_group"):
-            self._cpu_tp_group = cpu_tp_groups(self.pgs.tp)  # a collective: made once
+            self._cpu_tp_group = cpu_tp_groups(self.pgs.tp, self.cfg.parallel.collective_timeout_s)
         return BatchSource(loader, spec.ce_ignore_ids, fields, cpu_group=self._cpu_tp_group,
                            device_group=self.pgs.tp, src=tp_ranks[0], pin=device.has_cuda())
 
@@ -144,32 +144,11 @@ class Trainer:
                  self.progress.iteration, result["valid_loss"], result["valid_lm_loss"],
                  result["valid_ppl"], result["valid_reg_loss"], time.perf_counter() - t0)
 
-    def _summary(self) -> None:
-        if self.rank != 0:
-            return
-        from megatron_emu.planner import format_plan, plan
-
-        Path(self.cfg.run.dir).mkdir(parents=True, exist_ok=True)
-        (Path(self.cfg.run.dir) / "config.yaml").write_text(dump_config(self.cfg))
-        log.info("layout: world %d = TP %d x PP %d x DP %d%s; %d micro-batches of %d per step; device %s",
-                 torch.distributed.get_world_size(), self.layout["tp"], self.layout["pp"], self.dp,
-                 f" (virtual PP {self.layout['vpp']})" if self.layout["vpp"] else "", self.num_micro,
-                 self.cfg.train.micro_batch_size, self.dev)
-        log.info("model plan:\n%s", format_plan(plan(build.plan_spec(self.cfg, self.dp))))
-        model = self.cfg.model
-        attention = ("Transformer Engine fused attention" if model.transformer_impl == "transformer_engine"
-                     else {"auto": "torch SDPA", "sdpa": "torch SDPA",
-                           "unfused": "megatron-core unfused DotProductAttention"}[model.attention_backend])
-        kernels = fusion_plan(model.transformer_impl, device.has_cuda())
-        hows = {f.how for f in kernels.values()}
-        fused = next(iter(hows)) if len(hows) == 1 else "; ".join(f"{k}: {f.how}" for k, f in kernels.items())
-        log.info("kernels: attention: %s; fusions: %s", attention, fused)
-
     def resume_or_init(self) -> None:
         ck = self.cfg.checkpoint
         if ck.dir:
             ckpt.cleanup_partial(ck.dir)
-            found = ckpt.resolve(ck.dir)
+            found = self._agreed_checkpoint(ck.dir)
             if found is not None:
                 meta = ckpt.read_meta(found, ck.verify)
                 ckpt.check_model_matches(meta, self.cfg, found)
@@ -182,18 +161,35 @@ class Trainer:
                          self.progress.iteration, self.progress.consumed_samples)
                 return
         if ck.load:
-            found = ckpt.resolve(ck.load)
+            found = self._agreed_checkpoint(ck.load)
             if found is None:
                 raise TrainingError(f"checkpoint.load: no checkpoint at {ck.load}")
             ckpt.check_model_matches(ckpt.read_meta(found, ck.verify), self.cfg, found)
             ckpt.load_weights(found, self.model, self.optimizer, ck.verify)
             log.info("initialised weights from %s (optimizer, schedule and data start fresh)", found)
 
+    def _agreed_checkpoint(self, path: str) -> Optional[Path]:
+        """The checkpoint ``path`` resolves to, as rank 0 sees it (one answer for all ranks,
+        whatever their view of a network filesystem)."""
+        found = agree.decided_by_rank0(lambda: (lambda p: None if p is None else str(p))(ckpt.resolve(path)),
+                                       self.dev, ckpt.CheckpointError)
+        return None if found is None else Path(found)
+
     # -- one step --------------------------------------------------------------------------
     def _microbatches(self) -> tuple[list, int]:
         """The step's micro-batches as host tensors (each is copied to the device just before
-        its forward) and the number of images among them."""
-        batches = [next(self.source) for _ in range(self.num_micro)]
+        its forward) and the number of images among them. A data error on any rank stops every
+        rank here, before any of them enters the step's collectives."""
+        batches, error = [], None
+        try:
+            batches = [next(self.source) for _ in range(self.num_micro)]
+        except Exception as e:  # noqa: BLE001 - agreed on below, then re-raised
+            error = e
+        if agree.any_rank(error is not None, self.dev):
+            if error is not None:
+                raise error
+            raise BadDataError("the data loader of another rank failed; that rank's log names the "
+                               "shard, key or error")
         return batches, sum(b.num_images for b in batches if b is not None)
 
     def _reduce_losses(self, reports: list[dict]) -> torch.Tensor:
@@ -245,7 +241,7 @@ class Trainer:
             "consumed_samples": p.consumed_samples,
             "tokens_per_s": cfg.train.global_batch_size * cfg.train.seq_length / dt,
             "images_per_s": n_img.item() / dt, "tflops_per_gpu": tflops,
-            "mfu": None if peak is None else tflops / peak, "memory_gib": _memory_gib(),
+            "mfu": None if peak is None else tflops / peak, "memory_gib": memory_gib(),
             "step_time_s": dt, "data_wait_s": data_wait, "skipped": not ok,
             "elapsed_s": time.monotonic() - self.started, "eta_s": self._eta(dt),
             "skipped_total": p.skipped_total,
@@ -261,10 +257,16 @@ class Trainer:
         return record
 
     # -- checkpoints -----------------------------------------------------------------------
-    def save(self) -> None:
+    def save(self) -> bool:
+        """Write a checkpoint of this iteration (all ranks); False when there is nowhere to save."""
         cfg = self.cfg
         if not cfg.checkpoint.dir:
-            return
+            return False
+        if cfg.parallel.use_distributed_optimizer and cfg.parallel.overlap_param_gather:
+            # The step updated only this rank's shard; the other shards arrive with the next
+            # forward's pre-hooks. Gather them now, or the checkpoint holds stale weights.
+            for chunk in self.model:
+                chunk.start_param_sync(force_sync=True)
         if not ckpt.all_finite(self.model):
             raise TrainingError("the model has non-finite parameters; refusing to checkpoint it")
         meta = {"iteration": self.progress.iteration, "progress": asdict(self.progress),
@@ -276,6 +278,12 @@ class Trainer:
                          cfg.checkpoint.keep_last, async_queue=self.async_queue, lock=self.lock)
         log.info("%s checkpoint %s (%.1f s)", "scheduled" if self.async_queue else "saved", path,
                  time.perf_counter() - t0)
+        return True
+
+    def _published(self) -> None:
+        """Wait until every scheduled (asynchronous) save is on disk and published."""
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> int:
@@ -295,20 +303,27 @@ class Trainer:
                     and p.iteration < cfg.train.train_iters:
                 reason = f"train.exit_interval ({cfg.train.exit_interval}) reached"
             finished = p.iteration == cfg.train.train_iters
-            if validation_due(p.iteration, cfg.train.eval_interval, finished, bool(reason)):
+            # Before a save on a stop, validate, except after SIGTERM (its grace is for the save).
+            if validation_due(p.iteration, cfg.train.eval_interval, finished, bool(reason) and reason != URGENT):
                 self.validate()
             due = p.iteration % cfg.checkpoint.save_interval == 0
             last = finished and cfg.checkpoint.save_at_end
-            if due or last or reason:
-                self.save()
+            if (due or last or reason) and self.save():
                 saved_at = p.iteration
             if reason:
+                self._published()  # "stopped" means a checkpoint of this step is on disk
+                if saved_at != p.iteration:  # no checkpoint.dir: a requeue would start over
+                    log.warning("stopping at iteration %d: %s, without a checkpoint (checkpoint.dir "
+                                "is not set): a restart starts from the beginning", p.iteration, reason)
+                    self._exit_status("stopped_unsaved", reason)
+                    return 0
                 log.info("stopping at iteration %d: %s; resume by re-running the same command",
                          p.iteration, reason)
                 self._exit_status("stopped", reason)
                 return 0
         if saved_at != p.iteration:
             log.info("finished without a final checkpoint (checkpoint.save_at_end is false)")
+        self._published()
         log.info("training finished: %d iterations, %d skipped; metrics in %s",
                  p.iteration, p.skipped_total, self.metrics.path)
         self._exit_status("finished", "train.train_iters reached")
@@ -333,17 +348,6 @@ class Trainer:
 
 def _config_dict(cfg: EmuConfig) -> dict:
     return asdict(cfg)
-
-
-def _memory_gib() -> float | None:
-    gib = device.max_memory_gib()
-    if gib is not None:
-        return gib
-    try:
-        import psutil
-        return psutil.Process(os.getpid()).memory_info().rss / 2**30
-    except ImportError:  # pragma: no cover
-        return None
 
 
 def train(cfg: EmuConfig, signals: StopSignals | None = None, verbose: bool = False) -> int:

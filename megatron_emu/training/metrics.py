@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Optional
 
-from megatron_emu.utils import units
+from megatron_emu.utils import device, units
 
 log = logging.getLogger("megatron_emu.train")
 
@@ -108,6 +109,18 @@ class MetricsWriter:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def memory_gib() -> float | None:
+    """Peak allocated device memory in GiB on a GPU; this process's resident memory on a CPU."""
+    gib = device.max_memory_gib()
+    if gib is not None:
+        return gib
+    try:
+        import psutil
+        return psutil.Process(os.getpid()).memory_info().rss / 2**30
+    except ImportError:  # pragma: no cover
+        return None
 
 
 def _fmt(v: Optional[float], spec: str) -> str:

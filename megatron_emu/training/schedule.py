@@ -15,6 +15,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_emu.contracts.batch import Emu2Batch
+from megatron_emu.data.batch_source import stage_fields
 from megatron_emu.data.decode import normalize
 from megatron_emu.model.emu2 import Emu2Model
 
@@ -73,8 +74,10 @@ def forward_step(data_iterator, model, dev: torch.device, dtype: torch.dtype, po
     copied to the device here, just before its forward (``non_blocking`` from pinned memory),
     and its pixels normalised there."""
     batch: Optional[Emu2Batch] = next(data_iterator)
-    if batch is not None:
-        batch = batch.to(dev, dtype, normalize=normalize)
+    if batch is not None:  # only what this chunk reads (virtual pipeline: one of several chunks)
+        chunk = model.module if hasattr(model, "module") else model
+        fields = stage_fields(chunk.pre_process, chunk.post_process)
+        batch = batch.only(fields).to(dev, dtype, normalize=normalize) if fields else None
     return model(batch), functools.partial(_loss_func, poison=poison)
 
 

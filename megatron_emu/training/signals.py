@@ -14,7 +14,12 @@ import torch
 from megatron_emu.utils.stop_signals import STOP_SIGNALS, StopSignals
 
 log = logging.getLogger("megatron_emu.train")
-__all__ = ["STOP_SIGNALS", "StopRequest"]
+__all__ = ["STOP_SIGNALS", "StopRequest", "URGENT"]
+
+# SIGTERM is followed by SIGKILL after the scheduler's grace (SLURM's KillWait, 30 s by
+# default; Kubernetes' terminationGracePeriod): save at once. The others leave time.
+URGENT = "signal SIGTERM"
+REASONS = {0: None, 1: "signal SIGUSR1", 2: "train.exit_duration_mins reached", 3: URGENT}
 
 
 class StopRequest:
@@ -35,12 +40,12 @@ class StopRequest:
         """The reason to stop now, agreed by all ranks (a collective: every rank calls it)."""
         local = 0
         if self.signals.received:
-            local = 1
+            local = 3 if self.signals.received == "SIGTERM" else 1
         elif self.budget_s is not None and time.monotonic() - self.start >= self.budget_s:
             local = 2
         flag = torch.tensor([local], dtype=torch.int64, device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return {0: None, 1: "signal", 2: "train.exit_duration_mins reached"}[int(flag.item())]
+        return REASONS[int(flag.item())]
 
     def restore(self) -> None:
         if self._owned:

@@ -37,3 +37,10 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+    def ignore_from_now(self) -> None:
+        """The run is over and the process exits: a repeated stop signal (the launcher's, SLURM's
+        second delivery) must not turn a clean exit after a save into death by signal."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        self._previous = {}

@@ -237,15 +237,30 @@ def test_converter_outputs_have_checksums_and_normal_permissions(from_llama, tmp
         assert directory.stat().st_mode & 0o777 == 0o777 & ~umask, directory
 
 
-def test_converted_checkpoint_initialises_training(from_llama, train_data, tmp_path):
-    """checkpoint.load: the converted weights start a TP2 x PP2 run (resharded)."""
+def test_converted_checkpoint_initialises_training(from_llama, train_data, tmp_path, monkeypatch):
+    """checkpoint.load: the converted weights start a TP2 x PP2 run (resharded). The run's
+    checkpoint keeps its tokenizer (given as a relative path): a copy listed in checksums.json
+    and the absolute path, so mcore-to-hf from another directory needs no --tokenizer."""
+    import os
+
+    from megatron_emu.checkpoint.integrity import Manifest
     from tests.helpers.training import metrics, tiny_args, train
 
     data, tok = train_data
-    args = tiny_args(data, tok, tmp_path / "run", tmp_path / "ckpt", f"checkpoint.load={from_llama}",
+    monkeypatch.chdir(tmp_path)
+    args = tiny_args(data, os.path.relpath(tok, tmp_path), "run", "ckpt", f"checkpoint.load={from_llama}",
                      "train.train_iters=2")
     assert train(4, args) == [0] * 4
     assert len(metrics(tmp_path / "run")) == 2
+    saved = tmp_path / "ckpt" / "iter_0000002"
+    assert json.loads((saved / "megatron_emu.json").read_text())["config"]["data"]["tokenizer"] == str(tok)
+    files = Manifest(saved).files
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        assert (saved / "tokenizer" / name).read_bytes() == (tok / name).read_bytes()
+        assert f"tokenizer/{name}" in files
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert mcore_to_hf("../ckpt", "../hf", lm_only=True, progress=False)["tokenizer"] == str(saved / "tokenizer")
 
 
 def test_llama_missing_a_layer_tensor_is_refused(llama_dir, tmp_path):

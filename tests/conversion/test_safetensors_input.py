@@ -8,7 +8,8 @@ import struct
 import pytest
 import torch
 
-from megatron_emu.checkpoint.safetensors_io import HFReader, SafetensorsError, read_header
+from megatron_emu.checkpoint.hf_reader import HFReader
+from megatron_emu.checkpoint.safetensors_io import SafetensorsError, read_header
 from tests.helpers.tiny import TINY
 
 

@@ -78,7 +78,7 @@ def test_merged_parts_load_exactly_and_incomplete_parts_are_refused(tmp_path):
     merge_parts(sorted((tmp_path / "a" / "parts").iterdir()), tmp_path / "a" / "ckpt")
     assert not (tmp_path / "a" / "parts" / "00000").exists()
     files = sorted(p.name for p in (tmp_path / "a" / "ckpt").glob("*.distcp"))
-    assert files and all(p.startswith("__0_") for p in files)  # concatenated, not one per part
+    assert files and all(p.startswith("__0_") for p in files)  # moved in, named by the writing rank
     loaded = run_ranks(1, _load_stacked, str(tmp_path / "a" / "ckpt"), (3, 6, 5))[0]
     assert torch.equal(loaded, torch.stack(layers))
 

@@ -113,3 +113,42 @@ def test_data_broken_throughout_stops_with_one_line(datasets, tokenizer_dir, tmp
     assert "Traceback" not in logs
     status = json.loads((tmp_path / "run" / "exit_status.json").read_text())
     assert status["status"] == "failed" and "bad samples in a row" in status["reason"]
+
+
+def _first_docs(argv: list[str], dp_rank: int, steps: int = 6) -> set[int]:
+    """Documents data-parallel rank ``dp_rank`` of 2 reads in the first ``steps`` steps."""
+    from megatron_emu.cli.train import build_parser
+    from megatron_emu.config.io import load_config
+    from megatron_emu.data.loader import EmuDataLoader
+    from megatron_emu.parallel.sizes import ParallelSizes
+    from megatron_emu.training.build import loader_spec
+
+    args = build_parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    spec = loader_spec(cfg, ParallelSizes(dp=2, dp_rank=dp_rank))
+    loader = EmuDataLoader(spec)
+    per_step = cfg.train.global_batch_size // (cfg.train.micro_batch_size * 2)
+    keys = [k for _ in range(steps * per_step) for row in next(loader).keys for k in row]
+    return {int(k.split(":")[1]) for k in keys}
+
+
+def test_a_data_error_on_one_replica_stops_every_rank(datasets, tokenizer_dir, tmp_path):
+    """DP 2: a corrupt JPEG lands in one replica's share of the plan only; with
+    data.max_consecutive_bad_samples=1 that replica's loader stops. Its peer must stop too, at
+    the same step, instead of waiting in the gradient all-reduce until the collective timeout."""
+    jpeg = tmp_path / "jpeg"
+    shutil.copytree(datasets["img2dataset"][0], jpeg)
+    argv = tiny_args([str(jpeg)], tokenizer_dir, tmp_path / "run", tmp_path / "ckpt",
+                     "data.max_consecutive_bad_samples=1", "parallel.collective_timeout_s=120",
+                     tp=1, pp=1)
+    only_rank0 = sorted(_first_docs(argv, 0) - _first_docs(argv, 1))
+    assert only_rank0
+    path, pos = jpeg_of_doc(jpeg, doc=only_rank0[0])
+    patch(path, pos, b"XX")
+    codes = run_ranks(2, train_logged, tmp_path, argv, timeout=100)
+    assert codes == [1, 1]
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("rank*.log")))
+    errors = [x for x in logs.splitlines() if x.startswith("ERROR")]
+    assert len(errors) == 2 and "Traceback" not in logs
+    assert any("1 bad samples in a row" in x for x in errors)
+    assert any("the data loader of another rank failed" in x for x in errors)

@@ -66,6 +66,15 @@ def test_make_batch_holds_host_tensors_and_moves_them():
     assert only.tokens is None and only.images is None and torch.equal(only.labels, b.labels)
 
 
+def test_pinning_keeps_images_already_on_a_device():
+    """DALI decodes on the GPU: pinning the host fields must keep those images (a meta tensor
+    stands in for a GPU one here)."""
+    on_device = torch.empty(2, 3, 4, 4, dtype=torch.uint8, device="meta")
+    b = batch.Emu2Batch(tokens=None, labels=None, ce_mask=None, images=on_device, image_rows=None,
+                        reg_rows=None, reg_features=None)
+    assert b.pin_memory().images is on_device and b.pin_memory().num_images == 2
+
+
 def test_scatter_places_visual_embeddings_in_row_major_order():
     tokens = np.array([[5, IMAGE, IMAGE], [IMAGE, 6, 7]])
     rows = torch.from_numpy(batch.host_indices(tokens, IMAGE)["image_rows"])
