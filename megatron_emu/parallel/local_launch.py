@@ -39,8 +39,14 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, queu
 def run_local(world: int, fn: Callable, *args: Any, cpu_only: bool = False) -> list[Any]:
     """``fn(rank, *args)`` on ``world`` forked ranks with ``torch.distributed`` env set; returns
     the results by rank or raises with the first failing rank's traceback. Always forks (also
-    for one rank), so the calling process never holds a process group or its threads.
+    for one rank), so the calling process never holds a process group or its threads; it is the
+    launcher, so it prepares itself for megatron-core (``compat.setup_process``) first.
     ``cpu_only``: the ranks hide any GPU (CPU tensors, gloo), as the converter wants."""
+    from megatron_emu.compat import setup_process
+
+    # Once here, before forking: megatron-core is imported (and on a CPU its CPU layer enabled)
+    # once, and every rank inherits it (each rank checks again after hiding a GPU).
+    setup_process(cpu=True if cpu_only else None)
     ctx = mp.get_context("fork")
     queue, port = ctx.SimpleQueue(), _free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, args, queue, cpu_only))
