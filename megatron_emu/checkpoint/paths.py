@@ -3,6 +3,7 @@ megatron-core: the converter and the generator use it without importing the trai
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +25,11 @@ def resolve(path: str | Path) -> Optional[Path]:
         return path
     latest = path / LATEST
     if latest.is_file():
-        target = path / latest.read_text().strip()
+        name = latest.read_text().strip()
+        if not re.fullmatch(r"iter_\d{7,}", name):  # never a path elsewhere
+            raise CheckpointFileError(f"{latest} holds {name[:80]!r}, not an iter_NNNNNNN name; "
+                                      f"write the name of a complete iter_* directory into it")
+        target = path / name
         if (target / META_FILE).is_file():
             return target
         raise CheckpointFileError(f"{latest} points at {target.name}, which is not a complete checkpoint; "

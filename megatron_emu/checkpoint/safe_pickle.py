@@ -88,7 +88,17 @@ def load_dcp_metadata(data: bytes, where: Any):
         raise _refuse(where, f"unreadable torch DCP metadata ({_detail(e)})") from None
     if not isinstance(metadata, Metadata):
         raise _refuse(where, f"holds a {type(metadata).__name__}, not torch DCP metadata")
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        name = getattr(info, "relative_path", "")
+        if not _plain_file_name(name):  # data files sit in the checkpoint directory itself
+            raise _refuse(where, f"names a data file outside its directory ({name!r})")
     return metadata
+
+
+def _plain_file_name(name: object) -> bool:
+    """A file name in the same directory: no separator, not ``.``/``..``, not hidden."""
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name \
+        and not name.startswith(".") and "\x00" not in name
 
 
 def read_dcp_metadata(path: Union[str, Path]):

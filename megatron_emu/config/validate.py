@@ -12,6 +12,7 @@ from megatron_emu.config.io import ConfigError
 from megatron_emu.config.schema import EmuConfig
 from megatron_emu.contracts import image_layout, params
 from megatron_emu.contracts import vocab as special_tokens
+from megatron_emu.contracts.blend import split_entry
 
 
 def _positive(errors: list[str], cfg: EmuConfig) -> None:
@@ -246,10 +247,11 @@ def _data(errors: list[str], cfg: EmuConfig) -> None:
         errors.append(f"train.eval_iters ({tr.eval_iters}) must be >= 1")
     if tr.eval_interval is not None and tr.eval_interval < 1:
         errors.append(f"train.eval_interval ({tr.eval_interval}) must be >= 1 (or null)")
-    for i, entry in enumerate(d.path):
-        head, sep, tail = entry.partition(":")
-        if sep and head.replace(".", "", 1).isdigit() and (float(head) <= 0 or not tail):
-            errors.append(f"data.path[{i}] ({entry!r}): a blend entry is WEIGHT:DIR with WEIGHT > 0")
+    for key in ("path", "valid_path"):
+        for i, entry in enumerate(getattr(d, key)):
+            weight, directory = split_entry(entry)
+            if weight is not None and (weight <= 0 or not directory):
+                errors.append(f"data.{key}[{i}] ({entry!r}): a blend entry is WEIGHT:DIR with WEIGHT > 0")
 
 
 def data_path_errors(cfg: EmuConfig) -> list[str]:
@@ -257,6 +259,12 @@ def data_path_errors(cfg: EmuConfig) -> list[str]:
     errors = []
     if not cfg.data.path:
         errors.append("data.path: no dataset given (a directory from `megatron-emu-data preprocess`)")
+    if cfg.run.wandb is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            errors.append("run.wandb: the wandb package is not installed (`pip install wandb`, or "
+                          "remove run.wandb)")
     if not cfg.data.tokenizer:
         errors.append("data.tokenizer: required for training: the tokenizer directory the data was "
                       "preprocessed with (`megatron-emu-data tokenizer`); checkpoints record it for "
@@ -272,8 +280,7 @@ def _dataset_errors(cfg: EmuConfig, name: str, entry: str) -> list[str]:
     import json
     from pathlib import Path
 
-    head, sep, tail = entry.partition(":")
-    directory = tail if sep and head.replace(".", "", 1).isdigit() else entry
+    _, directory = split_entry(entry)
     meta_file = Path(directory) / "dataset.json"
     if not meta_file.is_file():
         return [f"{name}: {directory!r} is not a preprocessed dataset (no dataset.json)"]

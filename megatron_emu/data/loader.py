@@ -25,6 +25,7 @@ import torch
 
 from megatron_emu.contracts import image_layout
 from megatron_emu.contracts.batch import Emu2Batch, make_batch
+from megatron_emu.contracts.blend import split_entry
 from megatron_emu.data import bad_samples as bad
 from megatron_emu.data import decode as dec
 from megatron_emu.data import shard_format as sf
@@ -38,11 +39,8 @@ def parse_paths(entries: list[str]) -> list[tuple[float, str]]:
     """``data.path`` entries ``"DIR"`` or ``"WEIGHT:DIR"`` -> ``[(weight, dir)]``."""
     out = []
     for e in entries:
-        head, sep, tail = e.partition(":")
-        try:
-            out.append((float(head), tail) if sep else (1.0, e))
-        except ValueError:
-            out.append((1.0, e))
+        weight, directory = split_entry(e)
+        out.append((1.0 if weight is None else weight, directory))
     return out
 
 

@@ -32,6 +32,7 @@ from megatron_emu.model.embedding import make_sync_free
 from megatron_emu.model.heads import Emu2Heads
 from megatron_emu.model.megatron_config import (
     lm_transformer_config,
+    local_linear_config,
     vision_transformer_config,
     with_overrides,
 )
@@ -65,7 +66,7 @@ class Emu2Model(MegatronModule):
         if pre_process:
             self.vision = VisionEncoder(vision_transformer_config(spec, sizes), model.vision, impl,
                                         pg_collection, model.attention_backend)
-            self.adapter = Adapter(with_overrides(lm_config, sequence_parallel=False),
+            self.adapter = Adapter(with_overrides(local_linear_config(lm_config), sequence_parallel=False),
                                    model.vision.width, lm.hidden_size, pg_collection)
             self.embedding = LanguageModelEmbedding(
                 config=lm_config, vocab_size=derived.padded_vocab_size(lm),
@@ -85,7 +86,7 @@ class Emu2Model(MegatronModule):
             pg_collection=pg_collection, vp_stage=vp_stage,
         )
         if post_process:
-            self.heads = Emu2Heads(lm_config, lm.vocab_size, derived.padded_vocab_size(lm),
+            self.heads = Emu2Heads(local_linear_config(lm_config), lm.vocab_size, derived.padded_vocab_size(lm),
                                    model.vision.width, pg_collection,
                                    lm_ce_impl=model.loss.lm_ce_impl,
                                    regression_impl=model.loss.regression_impl)

@@ -40,8 +40,10 @@ def fusion_plan(impl: str, has_cuda: bool) -> dict[str, Fusion]:
                         else "torch fused LayerNorm / RMSNorm kernels"),
         "rope": Fusion(te, "Transformer Engine fused RoPE" if te
                        else "unfused RoPE (megatron-core fuses it only through Transformer Engine)"),
-        "grad_accumulation": Fusion(False, "unfused weight-gradient accumulation (megatron-core's "
-                                           "local linears need apex's fused_weight_gradient_mlp_cuda)"),
+        "grad_accumulation": Fusion(te, "Transformer Engine linears accumulate weight gradients "
+                                        "into main_grad (the local heads and adapter unfused)" if te
+                                    else "unfused weight-gradient accumulation (megatron-core's local "
+                                         "linears need apex's fused_weight_gradient_mlp_cuda)"),
     }
 
 
@@ -138,3 +140,10 @@ def vision_transformer_config(spec: ModelSpec, sizes: ParallelSizes) -> Transfor
 
 def with_overrides(config: TransformerConfig, **kwargs) -> TransformerConfig:
     return dataclasses.replace(config, **kwargs)
+
+
+def local_linear_config(config: TransformerConfig) -> TransformerConfig:
+    """For megatron-core's *local* linears inside a Transformer Engine model (heads, adapter):
+    their fused weight-gradient accumulation would need apex, which TE's linears do not."""
+    return with_overrides(config, gradient_accumulation_fusion=False) \
+        if config.gradient_accumulation_fusion else config

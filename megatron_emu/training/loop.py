@@ -107,15 +107,22 @@ class Trainer:
                            device_group=self.pgs.tp, src=tp_ranks[0], pin=device.has_cuda())
 
     def _sinks(self) -> tuple:
+        """W&B on rank 0 (when configured). Every rank learns whether it started, so a failure
+        there ends all ranks with one line instead of leaving the others in a collective."""
         wb = self.cfg.run.wandb
-        if wb is None or self.rank != 0:
+        if wb is None:
             return ()
-        from megatron_emu.training.wandb_sink import WandbSink
+        sinks, problem = (), None
+        if self.rank == 0:
+            from megatron_emu.training.wandb_sink import WandbSink
 
-        try:
-            return (WandbSink(wb.project, wb.name, wb.mode, self.cfg.run.dir, _config_dict(self.cfg)),)
-        except RuntimeError as e:
-            raise TrainingError(str(e)) from None
+            try:
+                sinks = (WandbSink(wb.project, wb.name, wb.mode, self.cfg.run.dir, _config_dict(self.cfg)),)
+            except RuntimeError as e:
+                problem = str(e)
+        if agree.any_rank(problem is not None, self.dev):
+            raise TrainingError(problem or "run.wandb: W&B did not start on rank 0 (its log says why)")
+        return sinks
 
     def _eta(self, step_s: float) -> float:
         """Seconds to train_iters from a running mean of the step time (the first step, with

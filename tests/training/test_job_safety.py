@@ -97,8 +97,8 @@ def _stuck_barrier(rank: int, cfg, done) -> float:
 
     init_distributed(cfg.parallel.collective_timeout_s)
     pgs = build.process_groups(cfg)
-    if rank == 1:  # never joins the barrier (until rank 0 is done, 30 s at most)
-        deadline = time.monotonic() + 30
+    if rank == 1:  # never joins the barrier (until rank 0 is done, 90 s at most)
+        deadline = time.monotonic() + 90
         while not done.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         return 0.0
@@ -118,4 +118,4 @@ def test_collectives_of_megatron_groups_time_out(tmp_path):
 
     cfg = tiny_config(tp=2, extra=("parallel.collective_timeout_s=4",))
     waited, _ = run_ranks(2, _stuck_barrier, cfg, tmp_path / "done", timeout=120)
-    assert 3.5 < waited < 15, waited
+    assert 3.5 < waited < 45, waited  # 4 s, not megatron-core's 30 min (nor rank 1's 90 s)

@@ -59,3 +59,17 @@ def test_tiny_plan_prints_no_zero_sizes(capsys):
     assert main(["--config", str(TINY), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "0.00 B" not in out and " 0.0 " not in out and "MiB" in out and "(4.42 M)" in out
+
+
+def test_the_validator_and_the_loader_read_a_blend_alike(train_data):
+    from megatron_emu.config.validate import config_errors
+    from megatron_emu.data.loader import parse_paths
+
+    data, tok = train_data
+    directory = data[0].split(":", 1)[1]
+    entries = [f"1e-1:{directory}", f"2.5:{directory}", directory]
+    assert parse_paths(entries) == [(0.1, directory), (2.5, directory), (1.0, directory)]
+    cfg = load_config(TINY, [f"data.path={entries!r}", f"data.tokenizer={tok}"])
+    assert data_path_errors(cfg) == [] and not [e for e in config_errors(cfg) if "data.path" in e]
+    bad = load_config(TINY, [f"data.path=['0:{directory}', '-1:{directory}']"])
+    assert sum("WEIGHT > 0" in e for e in config_errors(bad)) == 2
