@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 from megatron_emu.model.megatron_config import fusion_plan, lm_transformer_config, local_linear_config
+from megatron_emu.parallel.sizes import ParallelSizes
+from megatron_emu.training.build import model_spec
 from tests.helpers.tiny import tiny_config
 
 
@@ -19,7 +21,7 @@ def test_cpu_plan_is_unfused_and_gpu_plans_fuse():
 
 
 def test_local_linears_never_ask_for_the_apex_wgrad_fusion():
-    config = dataclasses.replace(lm_transformer_config(tiny_config(tp=1, pp=1)),
-                                 gradient_accumulation_fusion=True)
+    spec = model_spec(tiny_config(tp=1, pp=1))
+    config = dataclasses.replace(lm_transformer_config(spec, ParallelSizes()), gradient_accumulation_fusion=True)
     assert local_linear_config(config).gradient_accumulation_fusion is False
     assert config.gradient_accumulation_fusion is True  # the TE layers keep it
