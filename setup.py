@@ -54,6 +54,7 @@ setup(
     package_data={"megatron_emu.checkpoint": ["hf_model/*.py"]},
     install_requires=[
         "torch>=2.6",
+        "av",  # PyAV: video decoding at preprocessing and generation (bundles FFmpeg; no system ffmpeg)
         # The versions tested on each Python (megatron_emu/compat/version.py checks the range at
         # start-up): 0.16.1 is the last release installable on Python 3.11 (CI); 0.19.2 on 3.12.
         "megatron-core==0.16.1; python_version < '3.12'",

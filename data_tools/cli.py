@@ -2,9 +2,9 @@
 
   megatron-emu-data tokenizer --llama-model tokenizer.model --out DIR
   megatron-emu-data tokenizer --train TEXTFILE --vocab-size N --out DIR
-  megatron-emu-data preprocess --format {img2dataset,mmc4,obelics,laion,jsonl} --input PATH...
+  megatron-emu-data preprocess --format {img2dataset,mmc4,obelics,laion,jsonl,webvid} --input PATH...
                                [--images DIR] --tokenizer DIR --out DIR [--image-size 448] [--workers N]
-                               [--overwrite]
+                               [--video-frames 8] [--overwrite]
   megatron-emu-data inspect DIR [--tokenizer DIR]
   megatron-emu-data samples --out DIR [--copies N]      (real photos + captions, every input format)
 """
@@ -33,15 +33,18 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output directory")
 
     pp = sub.add_parser("preprocess", help="inputs -> interleaved-document WebDataset shards")
-    pp.add_argument("--format", required=True, choices=["img2dataset", "mmc4", "obelics", "laion", "jsonl"])
+    pp.add_argument("--format", required=True, choices=["img2dataset", "mmc4", "obelics", "laion", "jsonl", "webvid"])
     pp.add_argument("--input", nargs="+", required=True, help="input files or directories")
-    pp.add_argument("--images", help="image folder, or folder of img2dataset tars (joined by URL)")
+    pp.add_argument("--images", help="image/video folder, or folder of img2dataset/video2dataset tars "
+                                     "(joined by URL)")
+    pp.add_argument("--video-frames", type=int, default=8,
+                    help="frames sampled uniformly from each video (default 8)")
     pp.add_argument("--tokenizer", required=True, help="directory from `megatron-emu-data tokenizer`")
     pp.add_argument("--out", required=True, help="output dataset directory")
     pp.add_argument("--image-size", type=int, default=448, help="square image side (default 448)")
     pp.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     pp.add_argument("--shard-size", type=int, default=1000, help="input records per output shard (default 1000)")
-    pp.add_argument("--caption-field", help="caption column/JSON field (laion, img2dataset)")
+    pp.add_argument("--caption-field", help="caption column/JSON field (laion, img2dataset, webvid)")
     pp.add_argument("--max-pixels", type=int, default=8192 * 8192, help="larger images are skipped")
     pp.add_argument("--no-progress", action="store_true", help="no progress bar")
     pp.add_argument("--overwrite", action="store_true",
@@ -53,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--merge-only", action="store_true",
                     help="array jobs: write index.npy / dataset.json / summary.json once all shards exist")
 
-    sm = sub.add_parser("samples", help="write real sample photos+captions in every input format")
+    sm = sub.add_parser("samples", help="write real sample photos, videos and captions in every input format")
     sm.add_argument("--out", required=True, help="output directory")
     sm.add_argument("--copies", type=int, default=1, help="flipped/cropped variants per photo (default 1)")
 
@@ -94,6 +97,7 @@ def _preprocess(args) -> int:
                    images=args.images, image_size=args.image_size, workers=args.workers,
                    shard_size=args.shard_size, caption_field=args.caption_field,
                    max_pixels=args.max_pixels, progress=not args.no_progress,
+                   video_frames=args.video_frames,
                    num_tasks=args.num_tasks, merge_only=args.merge_only, overwrite=args.overwrite,
                    task_index=args.task_index if args.task_index is not None
                    else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")) if args.num_tasks > 1 else 0)

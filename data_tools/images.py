@@ -50,17 +50,21 @@ def process_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
             if w * h > max_pixels:
                 raise SkipSample("image_too_large", f"{w}x{h} pixels")
             im.load()
-            im = to_rgb(im)
-            im = im.resize((size, size), Image.BICUBIC)
-            out = io.BytesIO()
-            im.save(out, format="JPEG", quality=JPEG_QUALITY, subsampling=0)  # 4:4:4 chroma
-            return out.getvalue()
+            return encode_rgb(to_rgb(im), size)
     except SkipSample:
         raise
     except MemoryError as e:
         raise SkipSample("image_too_large", f"{type(e).__name__}: {e}") from None
     except Exception as e:  # noqa: BLE001 - decoders of crafted bytes raise all kinds of errors
         raise SkipSample("corrupt_image", f"{type(e).__name__}: {e}") from None
+
+
+def encode_rgb(im: Image.Image, size: int) -> bytes:
+    """An RGB image -> ``size x size`` bicubic JPEG bytes (quality ``JPEG_QUALITY``, 4:4:4
+    chroma): what the shards store for images and video frames alike."""
+    out = io.BytesIO()
+    im.resize((size, size), Image.BICUBIC).save(out, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    return out.getvalue()
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

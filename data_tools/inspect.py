@@ -87,10 +87,11 @@ def _check_sample(key: str, members: dict, size: int, tok) -> list[str]:
     if len(jpgs) != doc.n_images:
         problems.append(f"{len(jpgs)} image members for {doc.n_images} image segments")
     for kind, value in doc.segments:
-        if kind == "image":
-            msg = _check_image(value, size)
-            if msg:
-                problems.append(msg)
+        if kind in ("image", "video"):
+            for frame in ([value] if kind == "image" else value):
+                msg = _check_image(frame, size)
+                if msg:
+                    problems.append(msg)
             continue
         text, ids = value
         if any(not 0 <= i < st.EMU2_VOCAB_SIZE for i in ids):
@@ -106,7 +107,9 @@ def _check_counts(doc_json: bytes, row: np.ndarray) -> list[str]:
     try:
         meta = json.loads(doc_json)
         n_text = sum(len(s["ids"]) for s in meta["segments"] if "ids" in s)
-        n_img = sum(1 for s in meta["segments"] if "image" in s)
+        n_img = sum(1 if "image" in s else len(s["video"]) for s in meta["segments"]
+                    if "image" in s or "video" in s)
+        n_video = sum(1 for s in meta["segments"] if "video" in s)
     except (ValueError, KeyError, TypeError):
         return []  # already reported by _check_sample
     out = []
@@ -114,6 +117,8 @@ def _check_counts(doc_json: bytes, row: np.ndarray) -> list[str]:
         out.append(f"{n_text} text tokens, index.npy says {row[sf.COL_TEXT]}")
     if n_img != row[sf.COL_IMAGES]:
         out.append(f"{n_img} images, index.npy says {row[sf.COL_IMAGES]}")
+    if len(row) > sf.COL_VIDEOS and n_video != row[sf.COL_VIDEOS]:
+        out.append(f"{n_video} videos, index.npy says {row[sf.COL_VIDEOS]}")
     return out
 
 
@@ -123,6 +128,8 @@ def _show(key: str, members: dict, tok) -> dict:
     for kind, value in doc.segments:
         if kind == "image":
             parts.append("[IMG]<image>...[/IMG]")
+        elif kind == "video":
+            parts.append(f"[VIDEO]({len(value)} frames)")
         else:
             parts.append(tok.decode(value[1]) if tok else value[0])
     return {"key": key, "kind": doc.kind, "images": doc.n_images, "text": " ".join(parts)[:300]}

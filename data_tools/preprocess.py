@@ -30,6 +30,7 @@ import numpy as np
 from data_tools import outdir, sources
 from data_tools.images import DEFAULT_MAX_PIXELS, SkipSample, process_image
 from data_tools.sources import RawDoc, Skip
+from data_tools.video import DEFAULT_FRAMES, process_video
 from megatron_emu.data import shard_format as sf
 from megatron_emu.data.tokenizer import Emu2Tokenizer
 
@@ -56,11 +57,13 @@ class Options:
     task_index: int = 0
     merge_only: bool = False
     overwrite: bool = False  # replace another dataset in `out` (refused otherwise)
+    video_frames: int = DEFAULT_FRAMES  # frames sampled uniformly per video (data_tools/video.py)
 
     def fingerprint(self, tokenizer_sha: str) -> str:
         """What the shard bytes depend on besides the unit."""
         keys = {"format": self.format, "image_size": self.image_size, "caption_field": self.caption_field,
-                "max_pixels": self.max_pixels, "tokenizer": tokenizer_sha, "version": sf.FORMAT_VERSION}
+                "max_pixels": self.max_pixels, "tokenizer": tokenizer_sha, "version": sf.FORMAT_VERSION,
+                "video_frames": self.video_frames}
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -68,9 +71,10 @@ class Options:
 class ShardStats:
     documents: int = 0
     images: int = 0
+    videos: int = 0
     text_tokens: int = 0
     skipped: Counter = field(default_factory=Counter)
-    rows: list = field(default_factory=list)  # [key, offset, size, text_tokens, images, kind]
+    rows: list = field(default_factory=list)  # [key, offset, size, text_tokens, images, kind, videos]
 
 
 class _Worker:
@@ -99,8 +103,8 @@ def normalize_text(text: str) -> str:
 
 
 def convert(raw: RawDoc, opts: Options, stats: ShardStats) -> Optional[sf.Document]:
-    """Tokenize and process one document; bad images are dropped (and counted); returns None
-    when nothing usable is left (a pair needs its image and its caption)."""
+    """Tokenize and process one document; bad images and videos are dropped (and counted);
+    returns None when nothing usable is left (a pair needs its image or video and its caption)."""
     segments = []
     for kind, value in raw.segments:
         if kind == "text":
@@ -110,7 +114,11 @@ def convert(raw: RawDoc, opts: Options, stats: ShardStats) -> Optional[sf.Docume
                 segments.append(("text", (text, ids)))
             continue
         try:
-            segments.append(("image", process_image(value(), opts.image_size, opts.max_pixels)))
+            if kind == "video":
+                segments.append(("video", process_video(value(), opts.video_frames, opts.image_size,
+                                                        opts.max_pixels)))
+            else:
+                segments.append(("image", process_image(value(), opts.image_size, opts.max_pixels)))
         except SkipSample as e:
             _note_skip(stats, e.reason, raw.key, e.detail)
             if raw.kind == "pair":
@@ -143,7 +151,7 @@ def process_unit(job: tuple) -> dict:
         tmp_tar.unlink(missing_ok=True)
         raise
     record = {"unit": expected, "tar_size": tar_path.stat().st_size, "documents": stats.documents,
-              "images": stats.images, "text_tokens": stats.text_tokens,
+              "images": stats.images, "videos": stats.videos, "text_tokens": stats.text_tokens,
               "skipped": dict(sorted(stats.skipped.items())), "rows": stats.rows}
     outdir.atomic_write(json_path, json.dumps(record, separators=(",", ":")).encode())
     return record
@@ -170,9 +178,10 @@ def _write_documents(tar: tarfile.TarFile, k: int, unit: sources.Unit, opts: Opt
             sf.write_member(tar, f"{key}.{ext}", data)
         n_text = sum(len(v[1]) for kk, v in doc.segments if kk == "text")
         stats.rows.append([key, start, tar.offset - start, n_text, doc.n_images,
-                           sf.KIND_CODES[doc.kind]])
+                           sf.KIND_CODES[doc.kind], doc.n_videos])
         stats.documents += 1
         stats.images += doc.n_images
+        stats.videos += doc.n_videos
         stats.text_tokens += n_text
     return stats
 
@@ -191,8 +200,8 @@ def merge(out: Path, records: list[Optional[dict]], tokenizer: Emu2Tokenizer, op
         if stale.suffix in (".tar", ".json") and stale.stem.split("-")[1].isdigit() \
                 and int(stale.stem.split("-")[1]) >= len(records):
             stale.unlink()
-    rows = [[k, r[1], r[2], r[3], r[4], r[5]] for k, rec in enumerate(records) for r in rec["rows"]]
-    index = np.asarray(rows, dtype=np.int64).reshape(-1, 6)
+    rows = [[k, *r[1:7]] for k, rec in enumerate(records) for r in rec["rows"]]
+    index = np.asarray(rows, dtype=np.int64).reshape(-1, sf.READABLE_VERSIONS[sf.FORMAT_VERSION])
     tmp = outdir.temp_path(out / sf.INDEX_FILE)
     try:
         np.save(tmp, index, allow_pickle=False)
@@ -207,6 +216,7 @@ def merge(out: Path, records: list[Optional[dict]], tokenizer: Emu2Tokenizer, op
     meta = {**_identity(opts, tokenizer), "vocab_size": tokenizer.vocab_size, "shards": shards}
     summary = {"documents": int(sum(r["documents"] for r in records)),
                "images": int(sum(r["images"] for r in records)),
+               "videos": int(index[:, sf.COL_VIDEOS].sum()),
                "text_tokens": int(sum(r["text_tokens"] for r in records)),
                "shards": len(shards), "skipped": dict(sorted(skipped.items())),
                "pairs": int((index[:, sf.COL_KIND] == sf.KIND_CODES["pair"]).sum()),
@@ -218,7 +228,7 @@ def merge(out: Path, records: list[Optional[dict]], tokenizer: Emu2Tokenizer, op
 
 def _identity(opts: Options, tokenizer: Emu2Tokenizer) -> dict:
     """The ``dataset.json`` fields that tell one dataset from another."""
-    return {"format_version": sf.FORMAT_VERSION, "image_size": opts.image_size,
+    return {"format_version": sf.FORMAT_VERSION, "image_size": opts.image_size, "video_frames": opts.video_frames,
             "source_format": opts.format, "tokenizer_sha256": tokenizer.fingerprint()}
 
 
@@ -226,8 +236,8 @@ def run(opts: Options) -> dict:
     """Preprocess; returns the summary. Raises on unusable arguments before any work."""
     tokenizer = Emu2Tokenizer(opts.tokenizer)
     fmt = sources.get_format(opts.format)
-    if opts.shard_size < 1 or opts.workers < 1 or opts.image_size < 14:
-        raise ValueError("--shard-size and --workers must be >= 1 and --image-size >= 14")
+    if opts.shard_size < 1 or opts.workers < 1 or opts.image_size < 14 or opts.video_frames < 1:
+        raise ValueError("--shard-size, --workers and --video-frames must be >= 1 and --image-size >= 14")
     if not 0 <= opts.task_index < opts.num_tasks:
         raise ValueError(f"--task-index {opts.task_index} must be in [0, --num-tasks {opts.num_tasks})")
     if opts.format != "img2dataset":

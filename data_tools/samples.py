@@ -9,6 +9,10 @@ captions, written in every input format ``preprocess`` reads:
     OUT/obelics/part-00000.parquet  OBELICS rows (images/texts/metadata/general_metadata)
     OUT/mmc4/docs.jsonl + OUT/mmc4/images/   MMC4 documents and their image files
     OUT/jsonl/docs.jsonl + OUT/jsonl/images/ our interleaved JSONL
+    OUT/webvid/results.csv + OUT/webvid/videos/  WebVid-style metadata and short H.264 mp4s
+                                 (pans and zooms over the photos, ``samples_video.py``)
+    OUT/webvid_tars/00000.tar    the same videos as video2dataset writes them (KEY.mp4, .txt, .json)
+    OUT/jsonl_video/docs.jsonl + OUT/jsonl_video/videos/  interleaved JSONL with video items
 
 ``copies`` > 1 adds flipped/cropped variants of each photo (still real pixels) for volume.
 """
@@ -165,7 +169,8 @@ def write_samples(out: str | Path, copies: int = 1) -> dict:
                 segs.append({"text": text})
             f.write(json.dumps({"key": f"doc{i:05d}", "segments": segs}) + "\n")
     _write_parquets(out, items, docs)
-    return {"photos": len(items), "documents": len(docs)}
+    from data_tools.samples_video import write_videos
+    return {"photos": len(items), "documents": len(docs), "videos": write_videos(out)}
 
 
 def _write_parquets(out: Path, items, docs) -> None:

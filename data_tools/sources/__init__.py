@@ -28,7 +28,8 @@ class Unit:
 class RawDoc:
     """A document before tokenization and image processing.
 
-    ``segments``: ``("text", str)`` or ``("image", ImageRef)`` in reading order.
+    ``segments``: ``("text", str)``, ``("image", ImageRef)`` or ``("video", ImageRef)`` (the
+    encoded video file) in reading order.
     """
 
     key: str
@@ -74,10 +75,10 @@ def loads_object(data, what: str) -> dict:
 def get_format(name: str):
     """The format module for ``--format``: it provides ``plan(inputs, opts) -> list[Unit]`` and
     ``read(unit, opts) -> Iterator[Item]``."""
-    from data_tools.sources import img2dataset, records
+    from data_tools.sources import img2dataset, records, webvid
 
     formats = {"img2dataset": img2dataset, "mmc4": records.MMC4, "obelics": records.OBELICS,
-               "laion": records.LAION, "jsonl": records.JSONL}
+               "laion": records.LAION, "jsonl": records.JSONL, "webvid": webvid}
     try:
         return formats[name]
     except KeyError:

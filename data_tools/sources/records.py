@@ -2,7 +2,8 @@
 ``laion`` (parquet). Their images come from ``--images DIR``: a folder of image files (matched by
 file name or relative path) or a folder of img2dataset tars (matched by URL).
 
-``jsonl`` lines: ``{"key": optional str, "segments": [{"text": str} | {"image": path-or-url}, ...]}``.
+``jsonl`` lines: ``{"key": optional str, "segments": [{"text": str} | {"image": path-or-url} |
+{"video": path-or-url}, ...]}`` (a video's frames are sampled at preprocessing, ``video.py``).
 MMC4: each image is placed right before its ``matched_text_index`` sentence.
 """
 
@@ -36,12 +37,13 @@ class ImageStore:
             if p.is_file() and not p.name.endswith(".tar"):
                 self.by_name.setdefault(p.name, str(p))
 
-    def ref(self, name: str, base: Optional[Path] = None):
-        """An ``ImageRef`` for ``name``; it raises ``SkipSample('missing_image')`` when called."""
+    def ref(self, name: str, base: Optional[Path] = None, missing: str = "missing_image"):
+        """An ``ImageRef`` for ``name`` (an image or a video file); it raises
+        ``SkipSample(missing)`` when called and the file is not there."""
         def load() -> bytes:
             data = self._lookup(name, base)
             if data is None:
-                raise SkipSample("missing_image", name)
+                raise SkipSample(missing, name)
             return data
         return load
 
@@ -107,10 +109,12 @@ class JSONL(_Lines):
         for seg in record.get("segments", record.get("content")):
             if "image" in seg:
                 segments.append(("image", STORE.ref(str(seg["image"]), base)))
+            elif "video" in seg:
+                segments.append(("video", STORE.ref(str(seg["video"]), base, "missing_video")))
             else:
                 segments.append(("text", str(seg["text"])))
-        kind = "pair" if len(segments) == 2 and {k for k, _ in segments} == {"image", "text"} \
-            else "interleaved"
+        kinds = sorted(k for k, _ in segments)
+        kind = "pair" if kinds in (["image", "text"], ["text", "video"]) else "interleaved"
         return RawDoc(str(record.get("key", key)).replace(".", "_"), kind, _segment_list(segments),
                       {k: record[k] for k in ("url",) if k in record})
 

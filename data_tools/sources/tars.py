@@ -81,10 +81,10 @@ def count_groups(path: str | Path) -> tuple[int, bool]:
 
 
 class UrlImageIndex:
-    """``url -> (tar, offset, size)`` of the images in img2dataset tars (their ``KEY.json``
-    ``url`` field), to join parquet/JSONL records with downloaded images."""
+    """``url -> (tar, offset, size)`` of the images (and videos) in img2dataset / video2dataset
+    tars (their ``KEY.json`` ``url`` field), to join parquet/CSV/JSONL records with downloads."""
 
-    IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+    IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "mp4", "webm", "mkv", "avi", "mov")
 
     def __init__(self, tars: list[str]):
         self.table: dict[str, tuple[str, int, int]] = {}
@@ -100,7 +100,7 @@ class UrlImageIndex:
                         continue
                     if url and isinstance(url, str):
                         self.table.setdefault(url, (path, *group.members[ext]))
-        log.info("image index: %d images by URL from %d tar(s)", len(self.table), len(tars))
+        log.info("image index: %d images/videos by URL from %d tar(s)", len(self.table), len(tars))
 
     def get(self, url: str) -> Optional[bytes]:
         hit = self.table.get(url)

@@ -100,6 +100,10 @@ class ModelConfig:
     # [ASSISTANT] at ids 32272 / 32273, vocab_size 32274; 256 visual tokens per image there).
     # Conversion writes and reads it; the architecture is the same.
     model_version: Literal["base", "chat"] = "base"
+    # Whether the visual embeddings of video frames ([gIMG] slots) are regression targets like
+    # images' (docs/configuration.md: off, the paper is silent and Emu2's inference never
+    # predicts them).
+    regress_video_frames: bool = False
 
 
 @dataclass(kw_only=True)
@@ -176,7 +180,11 @@ class DataConfig:
     # entries (e.g. ["3:/data/laion", "1:/data/mmc4"]); a plain string means one directory.
     path: list[str] | str = field(default_factory=list)
     tokenizer: Optional[str] = None
+    # Images per sequence, video frames included (a video is dropped whole when it exceeds it).
     max_images_per_sequence: int = 8
+    # Frames per video (the preprocessing's --video-frames): megatron-emu-generate --video samples
+    # this many, and the dry-run planner counts them (docs/data.md).
+    video_frames: int = 8
     num_workers: int = 2
     # auto: DALI/nvJPEG on a GPU when installed, else PIL; or pil | dali_cpu | dali.
     decoder: Literal["auto", "pil", "dali_cpu", "dali"] = "auto"

@@ -83,7 +83,7 @@ def _lm(errors: list[str], cfg: EmuConfig) -> None:
     if groups is not None and (groups <= 0 or lm.num_attention_heads % groups):
         errors.append(f"model.lm.num_query_groups ({groups}) must divide "
                       f"model.lm.num_attention_heads ({lm.num_attention_heads})")
-    needed = special_tokens.IMAGE_ID + 1
+    needed = max(special_tokens.IMAGE_ID, special_tokens.GIMG_ID, special_tokens.VIDEO_ID) + 1
     if lm.vocab_size < needed:
         errors.append(f"model.lm.vocab_size ({lm.vocab_size}) must hold the Emu2 special token "
                       f"ids (at least {needed}; Emu2 uses {special_tokens.EMU2_VOCAB_SIZE})")
@@ -238,6 +238,12 @@ def _data(errors: list[str], cfg: EmuConfig) -> None:
         errors.append(f"data.num_workers ({d.num_workers}) must be >= 0")
     if d.max_images_per_sequence < 0:
         errors.append(f"data.max_images_per_sequence ({d.max_images_per_sequence}) must be >= 0")
+    if d.video_frames < 1:
+        errors.append(f"data.video_frames ({d.video_frames}) must be >= 1")
+    elif d.video_frames > d.max_images_per_sequence:
+        errors.append(f"data.video_frames ({d.video_frames}) exceeds data.max_images_per_sequence "
+                      f"({d.max_images_per_sequence}): frames count against that cap, so every video "
+                      f"would be dropped; raise the cap or sample fewer frames")
     if not 0.0 <= d.valid_fraction < 1.0:
         errors.append(f"data.valid_fraction ({d.valid_fraction}) must be in [0, 1)")
     if d.valid_fraction and d.valid_path:

@@ -6,11 +6,13 @@ embedding each predicts, which labels count for cross-entropy) is computed here,
 with numpy, so the forward has no ``nonzero``, boolean-mask indexing or ``.item()``: no
 device-to-host synchronisation.
 
-Conventions (emu2_spec.md §1.7): an image is ``[IMG]`` + ``<image>`` x n_query + ``[/IMG]``;
-visual embeddings are numbered by the row-major (sample, position) order of ``<image>`` tokens;
-the hidden state at ``t`` predicts ``t + 1`` (next token; next visual embedding when token
-``t + 1`` is ``<image>``). "Rows" index the flattened ``[s * b, h]`` view of the model's
-``[s, b, h]`` activations: row ``t * b + i`` is sample ``i``, position ``t``.
+Conventions (emu2_spec.md §1.7): an image is ``[IMG]`` + ``<image>`` x n_query + ``[/IMG]``, a
+video frame ``[IMG]`` + ``[gIMG]`` x n_query + ``[/IMG]``; visual embeddings are numbered by the
+row-major (sample, position) order of their slots (``<image>`` and ``[gIMG]`` tokens); the hidden
+state at ``t`` predicts ``t + 1`` (next token; next visual embedding when token ``t + 1`` is
+``<image>``, or ``[gIMG]`` when video frames are regressed). "Rows" index the flattened
+``[s * b, h]`` view of the model's ``[s, b, h]`` activations: row ``t * b + i`` is sample ``i``,
+position ``t``.
 """
 
 from __future__ import annotations
@@ -82,16 +84,22 @@ class Emu2Batch:
         return Emu2Batch(**moved)
 
 
-def host_indices(tokens: np.ndarray, image_id: int) -> dict[str, np.ndarray]:
-    """tokens ``[b, s]`` -> ``image_rows [N]``, ``reg_rows [R]``, ``reg_features [R]`` (int64)."""
+def host_indices(tokens: np.ndarray, image_id: int, video_id: Optional[int] = None,
+                 regress_video: bool = False) -> dict[str, np.ndarray]:
+    """tokens ``[b, s]`` -> ``image_rows [N]``, ``reg_rows [R]``, ``reg_features [R]`` (int64).
+
+    ``video_id``: the slot token of video frames (also visual embeddings); their embeddings are
+    regression targets only with ``regress_video``."""
     b, s = tokens.shape
     is_image = tokens == image_id
-    sample, pos = np.nonzero(is_image)  # row-major: the embedding order
+    is_slot = is_image if video_id is None else is_image | (tokens == video_id)
+    sample, pos = np.nonzero(is_slot)  # row-major: the embedding order
     image_rows = (pos * b + sample).astype(np.int64)
     feature = np.full((b, s), -1, dtype=np.int64)
     feature[sample, pos] = np.arange(sample.size, dtype=np.int64)
+    target = is_slot if regress_video else is_image
     regressed = np.zeros((b, s), dtype=bool)
-    regressed[:, :-1] = is_image[:, 1:]
+    regressed[:, :-1] = target[:, 1:]
     r_sample, r_pos = np.nonzero(regressed)
     return {"image_rows": image_rows, "reg_rows": (r_pos * b + r_sample).astype(np.int64),
             "reg_features": feature[r_sample, r_pos + 1]}
@@ -104,12 +112,14 @@ def ce_mask(labels: np.ndarray, loss_mask: np.ndarray, ignore_ids: Sequence[int]
 
 
 def make_batch(tokens, labels, loss_mask, images, *, image_id: int,
-               ce_ignore_ids: Sequence[int]) -> Emu2Batch:
+               ce_ignore_ids: Sequence[int], video_id: Optional[int] = None,
+               regress_video: bool = False) -> Emu2Batch:
     """Host tensors or arrays (tokens/labels ``[b, s]``, loss_mask ``[b, s]`` 0 at padding,
-    images ``[n, 3, H, W]`` or None) -> a complete ``Emu2Batch`` on the host."""
+    images ``[n, 3, H, W]`` or None: images and video frames in slot order) -> a complete
+    ``Emu2Batch`` on the host."""
     tok = np.asarray(tokens, dtype=np.int64)
     lab = np.asarray(labels, dtype=np.int64)
-    idx = host_indices(tok, image_id)
+    idx = host_indices(tok, image_id, video_id, regress_video)
     as_tensor = torch.from_numpy
     return Emu2Batch(
         tokens=as_tensor(tok), labels=as_tensor(lab),

@@ -16,9 +16,10 @@ IMG = "[IMG]"
 IMG_END = "[/IMG]"
 IMAGE = "<image>"
 GIMG = "[gIMG]"
+VIDEO = "[VIDEO]"
 
 _NAMED = [
-    IMG, IMG_END, IMAGE, GIMG, "[/gIMG]", "[EOC]", "[VIDEO]", "<grounding>",
+    IMG, IMG_END, IMAGE, GIMG, "[/gIMG]", "[EOC]", VIDEO, "<grounding>",
     "<phrase>", "</phrase>", "<object>", "</object>", "</delimiter_of_multi_objects/>", "<REC>",
 ]
 ADDITIONAL_SPECIAL_TOKENS: list[str] = _NAMED + [f"<patch_index_{i:04d}>" for i in range(257)]
@@ -39,6 +40,8 @@ PAD_ID = TOKEN_IDS[PAD]
 IMG_ID = TOKEN_IDS[IMG]
 IMG_END_ID = TOKEN_IDS[IMG_END]
 IMAGE_ID = TOKEN_IDS[IMAGE]
+GIMG_ID = TOKEN_IDS[GIMG]
+VIDEO_ID = TOKEN_IDS[VIDEO]
 
 
 def token_id(name: str) -> int:

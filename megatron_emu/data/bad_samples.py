@@ -59,10 +59,11 @@ def check_jpeg(data: bytes) -> Optional[str]:
 def check_document(doc: Document) -> Optional[str]:
     """Why a decoded document cannot go into a sequence, or None."""
     for kind, value in doc.segments:
-        if kind == "image":
-            problem = check_jpeg(value)
-            if problem:
-                return problem
+        if kind in ("image", "video"):
+            for frame in ([value] if kind == "image" else value):
+                problem = check_jpeg(frame)
+                if problem:
+                    return problem
         elif value and (min(value) < 0 or max(value) >= st.LLAMA_VOCAB_SIZE
                         or st.BOS_ID in value or st.EOS_ID in value):
             return "text has special or out-of-vocabulary token ids"

@@ -66,6 +66,8 @@ class LoaderSpec:
     max_consecutive_bad: int = 100  # bad_samples.py
     # Label ids excluded from cross-entropy (model.loss.ce_ignore_tokens), for the batch's CE mask.
     ce_ignore_ids: tuple = ()
+    # Whether video frame embeddings are regression targets (model.regress_video_frames).
+    regress_video_frames: bool = False
     # "all" documents, or the "train" / "valid" side of data.valid_fraction (plan.in_valid_split).
     split: str = "all"
     valid_fraction: float = 0.0
@@ -74,7 +76,8 @@ class LoaderSpec:
 @dataclass
 class LoaderBatch:
     """tokens/labels ``[b, s]`` int64, loss_mask ``[b, s]`` float, reg_mask ``[b, s]`` bool,
-    images ``uint8 [n, 3, H, W]`` (row-major order of ``[IMG]``), keys: documents per row."""
+    images ``uint8 [n, 3, H, W]`` (images and video frames, row-major order of ``[IMG]``), keys:
+    documents per row; regress_video: video frame embeddings are regression targets."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
@@ -82,12 +85,14 @@ class LoaderBatch:
     reg_mask: torch.Tensor
     images: torch.Tensor
     keys: list = field(default_factory=list)
+    regress_video: bool = False
 
     def to_batch(self, ce_ignore_ids) -> Emu2Batch:
         """The model's micro-batch on the host, every position precomputed (``contracts.batch``);
         pixels stay uint8 until the device normalises them."""
         return make_batch(self.tokens, self.labels, self.loss_mask, self.images,
-                          image_id=image_layout.PLACEHOLDER_ID, ce_ignore_ids=ce_ignore_ids)
+                          image_id=image_layout.PLACEHOLDER_ID, ce_ignore_ids=ce_ignore_ids,
+                          video_id=image_layout.VIDEO_SLOT_ID, regress_video=self.regress_video)
 
 
 class SequenceReader(torch.utils.data.Dataset):
@@ -128,6 +133,7 @@ class SequenceReader(torch.utils.data.Dataset):
             if document is not None:
                 docs.append((document, image_first(s.seed, dataset, epoch, doc, s.image_first_prob)))
                 owner.update({id(v): doc for k, v in document.segments if k == "image"})
+                owner.update({id(f): doc for k, v in document.segments if k == "video" for f in v})
         seq = build_sequence(docs, s.seq_length, s.n_query, s.max_images)
         if not s.decode_images:
             images = []
@@ -289,7 +295,7 @@ class EmuDataLoader:
             images = self._decode_dali(images) if images else torch.empty(
                 0, 3, self.spec.image_size, self.spec.image_size, dtype=torch.uint8)
         return LoaderBatch(raw["tokens"], raw["labels"], raw["loss_mask"], raw["reg_mask"],
-                           images, raw["keys"])
+                           images, raw["keys"], self.spec.regress_video_frames)
 
     def _decode_dali(self, encoded: list) -> torch.Tensor:
         if self._dali is None:

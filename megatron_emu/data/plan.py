@@ -57,7 +57,8 @@ class DocumentStream:
         self.n = len(index)
         self.dataset_id, self.spec, self.salt = dataset_id, spec, salt
         images = np.minimum(np.asarray(index[:, sf.COL_IMAGES]), spec.max_images)
-        length = sf.document_length(np.asarray(index[:, sf.COL_TEXT]), images, spec.tokens_per_image)
+        length = sf.document_length(np.asarray(index[:, sf.COL_TEXT]), images, spec.tokens_per_image,
+                                    sf.videos_column(index))
         self.length = np.minimum(length, spec.seq_length + 1).astype(np.int64)
         self.images = images.astype(np.int64)
         self.epoch, self.cursor = 0, 0

@@ -1,10 +1,12 @@
 """Assemble one training sequence from packed documents (numpy only; runs in loader workers).
 
 Layout (emu2_spec.md §1.7): every document is ``<s>`` + its segments + ``</s>``; an image is
-``[IMG]`` + ``<image>`` x n_query + ``[/IMG]``. Documents are concatenated to ``seq_length + 1``
-tokens (inputs are ``[:-1]``, labels ``[1:]``) and padded with ``[PAD]``. An image is never
-split: one that does not fit (or exceeds the per-sequence cap) is dropped with its tokens, text
-is cut at the end. A pair (one image + caption) puts its image before the caption with
+``[IMG]`` + ``<image>`` x n_query + ``[/IMG]``, a video ``[VIDEO]`` + per frame ``[IMG]`` +
+``[gIMG]`` x n_query + ``[/IMG]``. Documents are concatenated to ``seq_length + 1`` tokens
+(inputs are ``[:-1]``, labels ``[1:]``) and padded with ``[PAD]``. An image or a video is never
+split: one that does not fit (or exceeds the per-sequence image cap, frames counted) is dropped
+with its tokens, text is cut at the end. A pair (one image or video + caption) puts its image or
+video before the caption with
 probability ``image_first_prob`` (stage 2: 0.5), decided by a per-document seed, so a sequence is
 a pure function of its descriptor.
 """
@@ -29,7 +31,7 @@ class Sequence:
     labels: np.ndarray
     loss_mask: np.ndarray
     reg_mask: np.ndarray
-    images: list = field(default_factory=list)
+    images: list = field(default_factory=list)  # images and video frames, in slot order
     documents: list = field(default_factory=list)  # keys, for tests and debugging
 
 
@@ -43,10 +45,10 @@ def image_first(seed: int, dataset: int, epoch: int, doc: int, prob: float) -> b
 
 
 def ordered_segments(doc: Document, first: bool) -> list:
-    """A pair's segments with the image first (``first``) or last; others unchanged."""
+    """A pair's segments with the image or video first (``first``) or last; others unchanged."""
     if doc.kind != "pair":
         return doc.segments
-    images = [s for s in doc.segments if s[0] == "image"]
+    images = [s for s in doc.segments if s[0] in ("image", "video")]
     texts = [s for s in doc.segments if s[0] == "text"]
     return images + texts if first else texts + images
 
@@ -69,6 +71,11 @@ def build_sequence(docs: list[tuple[Document, bool]], seq_length: int, n_query: 
             room = cap - len(tokens)
             if kind == "text":
                 tokens.extend(value[:room])
+            elif kind == "video":
+                if image_layout.tokens_per_video(len(value), n_query) <= room \
+                        and len(images) + len(value) <= max_images:
+                    tokens += image_layout.video_block(len(value), n_query)
+                    images.extend(value)
             elif per_image <= room and len(images) < max_images:
                 tokens += image_layout.image_block(n_query)
                 images.append(value)

@@ -5,15 +5,18 @@ read them) and a random-access index::
 
     DIR/shard-000000.tar     one sample per document: KEY.json + KEY.0.jpg, KEY.1.jpg, ...
     DIR/shard-000000.json    that shard's stats and per-document index rows (written after the tar)
-    DIR/index.npy            int64 [N, 6]: shard, byte offset, byte size, text tokens, images, kind
+    DIR/index.npy            int64 [N, 7]: shard, byte offset, byte size, text tokens, images
+                             (video frames included), kind, videos ([N, 6] in version 1)
     DIR/dataset.json         format version, image size, tokenizer fingerprint, shard names;
                              ``incomplete: reason`` while a run rewrites shards or after one failed
     DIR/summary.json         documents, images, text_tokens, shards, skipped{reason: count}
 
 ``KEY.json`` = ``{"kind": "pair"|"interleaved", "segments": [{"text": str, "ids": [int]} |
-{"image": i}, ...], "source": {...}}``: ordered text segments (already tokenized with the Emu2
-tokenizer, without ``<s>``/``</s>``) and images (JPEG members ``KEY.i.jpg``, resized for the
-model). A "pair" is one image and one caption; the loader decides its order.
+{"image": i} | {"video": [i, j, ...]}, ...], "source": {...}}``: ordered text segments (already
+tokenized with the Emu2 tokenizer, without ``<s>``/``</s>``), images (JPEG members ``KEY.i.jpg``,
+resized for the model) and videos (their sampled frames, in order, as JPEG members numbered with
+the images). A "pair" is one image or video and one caption; the loader decides its order.
+Version 2 added videos (and the index's videos column); version-1 datasets are still read.
 This module imports only the standard library and numpy.
 """
 
@@ -27,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = {1: 6, 2: 7}  # format version -> index.npy columns
 SHARD_PATTERN = "shard-{:06d}"
 INDEX_FILE = "index.npy"
 DATASET_FILE = "dataset.json"
@@ -35,7 +39,7 @@ SUMMARY_FILE = "summary.json"
 KIND_CODES = {"pair": 0, "interleaved": 1}
 KIND_NAMES = {v: k for k, v in KIND_CODES.items()}
 # Columns of index.npy.
-COL_SHARD, COL_OFFSET, COL_SIZE, COL_TEXT, COL_IMAGES, COL_KIND = range(6)
+COL_SHARD, COL_OFFSET, COL_SIZE, COL_TEXT, COL_IMAGES, COL_KIND, COL_VIDEOS = range(7)
 
 
 class ShardFormatError(ValueError):
@@ -44,8 +48,8 @@ class ShardFormatError(ValueError):
 
 @dataclass
 class Document:
-    """One interleaved document: ``segments`` in order, each ``("text", ids)`` or
-    ``("image", jpeg_bytes)``."""
+    """One interleaved document: ``segments`` in order, each ``("text", ids)``,
+    ``("image", jpeg_bytes)`` or ``("video", [jpeg_bytes, ...])`` (frames in order)."""
 
     key: str
     kind: str
@@ -54,7 +58,12 @@ class Document:
 
     @property
     def n_images(self) -> int:
-        return sum(1 for k, _ in self.segments if k == "image")
+        """Visual inputs of the ViT: images and video frames."""
+        return sum(1 if k == "image" else len(v) for k, v in self.segments if k in ("image", "video"))
+
+    @property
+    def n_videos(self) -> int:
+        return sum(1 for k, _ in self.segments if k == "video")
 
 
 def safe_member_name(name: str) -> bool:
@@ -76,6 +85,11 @@ def encode_document(doc: Document) -> dict[str, bytes]:
     for kind, value in doc.segments:
         if kind == "text":
             segments.append({"text": value[0], "ids": list(map(int, value[1]))})
+        elif kind == "video":
+            segments.append({"video": list(range(n, n + len(value)))})
+            for frame in value:
+                members[f"{n}.jpg"] = frame
+                n += 1
         else:
             members[f"{n}.jpg"] = value
             segments.append({"image": n})
@@ -95,6 +109,11 @@ def decode_document(key: str, members: dict[str, bytes], keep_text: bool = False
         for seg in meta["segments"]:
             if "image" in seg:
                 segments.append(("image", members[f"{int(seg['image'])}.jpg"]))
+            elif "video" in seg:
+                frames = [members[f"{int(i)}.jpg"] for i in seg["video"]]
+                if not frames:
+                    raise ValueError("a video without frames")
+                segments.append(("video", frames))
             else:
                 ids = [int(i) for i in seg["ids"]]
                 segments.append(("text", (seg.get("text", ""), ids) if keep_text else ids))
@@ -133,14 +152,23 @@ def read_span(path: str | Path, offset: int, size: int, handle=None) -> dict[str
     return out
 
 
-def document_length(text_tokens, n_images, tokens_per_image: int):
-    """Tokens of a document in a sequence: ``<s>`` + text + images x (``[IMG]`` + n_query x
-    ``<image>`` + ``[/IMG]``) + ``</s>``. Works on ints and numpy arrays."""
-    return 2 + text_tokens + n_images * tokens_per_image
+def document_length(text_tokens, n_images, tokens_per_image: int, n_videos=0):
+    """Tokens of a document in a sequence: ``<s>`` + text + images and video frames x (``[IMG]``
+    + n_query slots + ``[/IMG]``) + one ``[VIDEO]`` per video + ``</s>``. Works on ints and numpy
+    arrays."""
+    return 2 + text_tokens + n_images * tokens_per_image + n_videos
+
+
+def videos_column(index: np.ndarray) -> np.ndarray:
+    """Videos per document (zeros for a version-1 index, which has no such column)."""
+    if index.shape[1] > COL_VIDEOS:
+        return np.asarray(index[:, COL_VIDEOS])
+    return np.zeros(len(index), dtype=np.int64)
 
 
 def load_index(directory: str | Path) -> tuple[dict, np.ndarray]:
-    """``(dataset.json, index [N, 6] int64 memory-mapped)`` of a dataset directory."""
+    """``(dataset.json, index [N, 7] int64 memory-mapped; [N, 6] for version 1)`` of a dataset
+    directory."""
     directory = Path(directory)
     meta_file, index_file = directory / DATASET_FILE, directory / INDEX_FILE
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
@@ -152,10 +180,12 @@ def load_index(directory: str | Path) -> tuple[dict, np.ndarray]:
     if not meta_file.is_file() or not index_file.is_file():
         raise ShardFormatError(f"{directory} is not a megatron_emu dataset (no {DATASET_FILE} or "
                                f"{INDEX_FILE}; make it with `megatron-emu-data preprocess`)")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ShardFormatError(f"{meta_file}: format_version {meta.get('format_version')} "
-                               f"(this release reads {FORMAT_VERSION})")
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        raise ShardFormatError(f"{meta_file}: format_version {version} "
+                               f"(this release reads {sorted(READABLE_VERSIONS)})")
     index = np.load(index_file, mmap_mode="r", allow_pickle=False)
-    if index.ndim != 2 or index.shape[1] != 6:
-        raise ShardFormatError(f"{index_file}: expected shape [N, 6], got {index.shape}")
+    columns = READABLE_VERSIONS[version]
+    if index.ndim != 2 or index.shape[1] != columns:
+        raise ShardFormatError(f"{index_file}: expected shape [N, {columns}], got {index.shape}")
     return meta, index

@@ -167,7 +167,8 @@ class Emu2Model(MegatronModule):
         if not (self.pre_process and self.post_process) or self.config.sequence_parallel:
             raise RuntimeError("forward_logits needs the whole model on one rank (TP1, PP1, no SP)")
         batch = make_batch(tokens.cpu(), tokens.cpu(), torch.ones_like(tokens, device="cpu"), None,
-                           image_id=image_layout.PLACEHOLDER_ID, ce_ignore_ids=())
+                           image_id=image_layout.PLACEHOLDER_ID, ce_ignore_ids=(),
+                           video_id=image_layout.VIDEO_SLOT_ID)
         batch = batch.to(tokens.device)
         batch.images = images
         hidden, _ = self._embed(batch)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from megatron_emu.config.schema import EmuConfig
-from megatron_emu.contracts import params, vocab
+from megatron_emu.contracts import image_layout, params, vocab
 from megatron_emu.model.spec import ModelSpec, p2p_seq_length
 from megatron_emu.parallel.sizes import ParallelSizes
 from megatron_emu.planner import PlanSpec
@@ -102,7 +102,9 @@ def loader_spec(cfg: EmuConfig, sizes: ParallelSizes, validation: bool = False) 
                       decoder=d.decoder, image_first_prob=d.pair_image_first_prob,
                       lookahead=d.packing_lookahead, decode_images=sizes.first_stage,
                       max_consecutive_bad=d.max_consecutive_bad_samples,
-                      ce_ignore_ids=tuple(vocab.token_id(t) for t in cfg.model.loss.ce_ignore_tokens))
+                      regress_video_frames=cfg.model.regress_video_frames,
+                      ce_ignore_ids=tuple(vocab.token_id(t) for t in
+                                          image_layout.ce_ignore_names(cfg.model.loss.ce_ignore_tokens)))
 
 
 def plan_spec(cfg: EmuConfig, data_parallel_size: Optional[int] = None) -> PlanSpec:
