@@ -23,17 +23,21 @@ LOSS_TOL = 1e-5  # absolute, on losses of ~10
 GRAD_TOL = 1e-5  # relative to the largest reference gradient of the tensor
 
 
-def _setup(tmp_path_factory, model_extra=()):
+def _setup(tmp_path_factory, model_extra=(), video_frames=0, regress_video=False):
     cfg = tiny.tiny_config(extra=model_extra)
     rc = tiny.ref_config(cfg)
     hf = reference.init_params(rc, seed=0)
-    microbatches = tiny.make_microbatches(cfg, seed=1)
+    microbatches = tiny.make_microbatches(cfg, seed=1, video_frames=video_frames, regress_video=regress_video)
     params = {k: v.clone().requires_grad_(True) for k, v in hf.items()}
     ref_losses, total = [], 0.0
+    # Video (emu2_spec.md §1.7): frames fill the [gIMG] slots (32004); [gIMG] and [VIDEO] (32007)
+    # labels are not CE targets; frame embeddings are regressed only when asked.
+    video = {"slot_ids": (32004,), "reg_ids": (32004,) if regress_video else (),
+             "ce_ignore_ids": (*reference.CE_IGNORE_IDS, 32004, 32007)} if video_frames else \
+        {"ce_ignore_ids": reference.CE_IGNORE_IDS}
     for mb in microbatches:
-        out = reference.emu2_loss(params, rc, mb.tokens, mb.images,
-                                  image_token_id=reference.IMAGE_ID, ce_ignore_ids=reference.CE_IGNORE_IDS,
-                                  lm_weight=1.0, reg_weight=1.0)
+        out = reference.emu2_loss(params, rc, mb.tokens, mb.images, image_token_id=reference.IMAGE_ID,
+                                  lm_weight=1.0, reg_weight=1.0, **video)
         ref_losses.append({k: float(v.detach()) for k, v in out.items()})
         total = total + out["loss"] / len(microbatches)
     total.backward()
@@ -47,6 +51,12 @@ def _setup(tmp_path_factory, model_extra=()):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return _setup(tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["frames_not_regressed", "frames_regressed"])
+def setup_video(request, tmp_path_factory):
+    """Every micro-batch's first sample starts with a 2-frame video, beside images."""
+    return _setup(tmp_path_factory, video_frames=2, regress_video=request.param)
 
 
 # Grouped-query attention: 4 query heads share 2 key/value heads (1 per rank at TP2).
@@ -124,6 +134,14 @@ def test_layout_matches_reference(setup, name):
 def test_grouped_query_attention_layout_matches_reference(setup_gqa, name):
     assert setup_gqa["cfg"].model.lm.num_query_groups == 2 < setup_gqa["cfg"].model.lm.num_attention_heads
     assert not _compare(setup_gqa, name)
+
+
+@pytest.mark.parametrize("name", ["tp1pp1dp1", "tp2pp2dp1_sp"])
+def test_video_layout_matches_reference(setup_video, name):
+    """Frames through the ViT into the [gIMG] slots, and their regression targets carried
+    through the pipeline, give the reference's losses and gradients on every layout."""
+    assert any((mb.tokens == 32007).any() for mb in setup_video["mbs"])
+    assert not _compare(setup_video, name)
 
 
 # One clipped update. clip_grad 0.1 is far below the tiny model's gradient norm (~5.8), so every

@@ -186,19 +186,20 @@ def decoder(p: dict[str, Tensor], cfg: RefConfig, x: Tensor) -> Tensor:
 
 
 def forward(p: dict[str, Tensor], cfg: RefConfig, tokens: Tensor, images: Tensor | None,
-            image_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
+            image_token_id: int, slot_ids: tuple = ()) -> tuple[Tensor, Tensor, Tensor]:
     """tokens [b, s] (long), images [n, 3, H, W] or None.
 
     Returns (logits [b, s, vocab], final hidden [b, s, hidden], visual features [n, n_query, W]).
-    Positions with token == image_token_id get project_up(visual features), filled in row-major
-    (batch, then position) order; their number must be exactly n * n_query.
+    Positions with token == image_token_id (or in ``slot_ids``: video frame slots) get
+    project_up(visual features), filled in row-major (batch, then position) order; their number
+    must be exactly n * n_query.
     """
     emb = p[L + "embed_tokens.weight"][tokens]  # [b, s, H]
     if images is None:
         vis = emb.new_zeros(0, cfg.n_query, cfg.vision_width)
     else:
         vis = encode_images(p, cfg, images)
-    mask = tokens == image_token_id
+    mask = torch.isin(tokens, torch.tensor([image_token_id, *slot_ids]))
     assert int(mask.sum()) == vis.shape[0] * cfg.n_query, (int(mask.sum()), tuple(vis.shape))
     if vis.shape[0] > 0:
         up = F.linear(vis.reshape(-1, cfg.vision_width), p["project_up.weight"]).to(emb.dtype)
@@ -209,32 +210,35 @@ def forward(p: dict[str, Tensor], cfg: RefConfig, tokens: Tensor, images: Tensor
 
 
 # ----------------------------------------------------------------------------- loss
-def loss_masks(tokens: Tensor, image_token_id: int, ce_ignore_ids: list[int]) -> tuple[Tensor, Tensor]:
+def loss_masks(tokens: Tensor, image_token_id: int, ce_ignore_ids: list[int],
+               reg_ids: tuple = ()) -> tuple[Tensor, Tensor]:
     """Masks over positions t < s-1, both [b, s-1] bool: (CE positions, regression positions).
-    CE: label tokens[:, t+1] not in ce_ignore_ids. Regression: tokens[:, t+1] == image_token_id."""
+    CE: label tokens[:, t+1] not in ce_ignore_ids. Regression: tokens[:, t+1] == image_token_id
+    (or in ``reg_ids``)."""
     labels = tokens[:, 1:]
     ce = ~torch.isin(labels, torch.tensor(list(ce_ignore_ids), dtype=labels.dtype, device=labels.device))
-    return ce, labels == image_token_id
+    return ce, torch.isin(labels, torch.tensor([image_token_id, *reg_ids]))
 
 
 def emu2_loss(p: dict[str, Tensor], cfg: RefConfig, tokens: Tensor, images: Tensor | None, *,
               image_token_id: int, ce_ignore_ids: list[int], lm_weight: float,
-              reg_weight: float) -> dict[str, Tensor]:
+              reg_weight: float, slot_ids: tuple = (), reg_ids: tuple = ()) -> dict[str, Tensor]:
     """{"loss", "lm_loss", "reg_loss"} (fp32 scalars).
 
     lm_loss: mean next-token CE over unmasked positions. reg_loss: mean squared error over all
     regression positions x vision_width dims between project_down(h[:, t]) and the detached visual
     feature placed at position t+1. Empty sets give 0.0 (still attached to the graph).
     """
-    logits, h, vis = forward(p, cfg, tokens, images, image_token_id)
-    ce_mask, reg_mask = loss_masks(tokens, image_token_id, ce_ignore_ids)
+    logits, h, vis = forward(p, cfg, tokens, images, image_token_id, slot_ids)
+    ce_mask, reg_mask = loss_masks(tokens, image_token_id, ce_ignore_ids, reg_ids)
     ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, cfg.vocab_size), tokens[:, 1:].reshape(-1),
                          reduction="none")
     lm_loss = (ce * ce_mask.reshape(-1)).sum() / ce_mask.sum().clamp(min=1)
 
     # target[b, t] = visual feature placed at position t (zeros at non-image positions)
     target = h.new_zeros(*tokens.shape, cfg.vision_width).float()
-    target[tokens == image_token_id] = vis.detach().reshape(-1, cfg.vision_width).float()
+    target[torch.isin(tokens, torch.tensor([image_token_id, *slot_ids]))] = \
+        vis.detach().reshape(-1, cfg.vision_width).float()
     pred = F.linear(h[:, :-1], p["project_down.weight"]).float()  # [b, s-1, W]
     sq = (pred - target[:, 1:]).pow(2) * reg_mask.unsqueeze(-1)
     reg_loss = sq.sum() / (reg_mask.sum() * cfg.vision_width).clamp(min=1)

@@ -8,6 +8,7 @@ import torch
 
 from megatron_emu.config.io import load_config
 from megatron_emu.config.schema import EmuConfig
+from megatron_emu.contracts import image_layout
 from megatron_emu.contracts import vocab as st
 from megatron_emu.contracts.batch import Emu2Batch, make_batch
 from tests.helpers.reference import RefConfig
@@ -42,10 +43,13 @@ def ref_config(cfg: EmuConfig) -> RefConfig:
     )
 
 
-def _sequence(g: torch.Generator, cfg: EmuConfig, n_images: int) -> list[int]:
-    """``<s>`` text ([IMG] <image>*n [/IMG] text)* ``</s>`` [PAD]... of exactly seq_length ids."""
+def _sequence(g: torch.Generator, cfg: EmuConfig, n_images: int, video_frames: int = 0) -> list[int]:
+    """``<s>`` text ([IMG] <image>*n [/IMG] text)* ``</s>`` [PAD]... of exactly seq_length ids;
+    with ``video_frames``, a video block ([VIDEO] + frames of [IMG] [gIMG]*n [/IMG]) after <s>."""
     s, nq = cfg.train.seq_length, cfg.model.adapter.n_query
     seq = [st.BOS_ID]
+    if video_frames:
+        seq += image_layout.video_block(video_frames, nq)
     for _ in range(n_images):
         seq += torch.randint(3, 1000, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
         seq += [st.IMG_ID] + [st.IMAGE_ID] * nq + [st.IMG_END_ID]
@@ -55,15 +59,20 @@ def _sequence(g: torch.Generator, cfg: EmuConfig, n_images: int) -> list[int]:
     return seq + [st.PAD_ID] * (s - len(seq))
 
 
-def make_microbatches(cfg: EmuConfig, seed: int = 0) -> list[Emu2Batch]:
+def make_microbatches(cfg: EmuConfig, seed: int = 0, video_frames: int = 0,
+                      regress_video: bool = False) -> list[Emu2Batch]:
     """A global batch of interleaved samples split into micro-batches (every layout sees the
-    same micro-batches; data-parallel rank r takes micro-batches r, r + dp, ...)."""
+    same micro-batches; data-parallel rank r takes micro-batches r, r + dp, ...). With
+    ``video_frames``, the first sample of every micro-batch starts with a video of that many
+    frames (its images: frames first, in slot order)."""
     g = torch.Generator().manual_seed(seed)
     v = cfg.model.vision
     out = []
     n_micro = cfg.train.global_batch_size // cfg.train.micro_batch_size
     for m in range(n_micro):
-        rows = [_sequence(g, cfg, n_images=(m + i) % 4) for i in range(cfg.train.micro_batch_size)]
+        rows = [_sequence(g, cfg, n_images=(m + i) % (3 if video_frames else 4),
+                          video_frames=video_frames if i == 0 else 0)
+                for i in range(cfg.train.micro_batch_size)]
         tokens = torch.tensor(rows, dtype=torch.long)
         labels = torch.roll(tokens, -1, dims=1)
         labels[:, -1] = st.PAD_ID
@@ -71,6 +80,8 @@ def make_microbatches(cfg: EmuConfig, seed: int = 0) -> list[Emu2Batch]:
         loss_mask[:, -1] = 0
         n_img = int((tokens == st.IMG_ID).sum())
         images = torch.randn(n_img, 3, v.image_size, v.image_size, generator=g)
+        ignore = image_layout.ce_ignore_names(cfg.model.loss.ce_ignore_tokens)
         out.append(make_batch(tokens, labels, loss_mask, images, image_id=st.IMAGE_ID,
-                              ce_ignore_ids=[st.token_id(t) for t in cfg.model.loss.ce_ignore_tokens]))
+                              ce_ignore_ids=[st.token_id(t) for t in ignore], video_id=st.GIMG_ID,
+                              regress_video=regress_video))
     return out
