@@ -10,7 +10,8 @@ model at several layouts). Memory is an estimate:
 * activations per LM layer and micro-batch, with sequence parallelism (Korthikanti et al.,
   2022): ``s b h (34 + 5 a s / h) / t`` bytes (bf16) without recompute, ``34 s b h / t`` with
   selective recompute, ``2 s b h / t`` with full recompute; the ViT likewise over its
-  ``images x 1025`` tokens; 1F1B keeps ``pp - stage`` micro-batches in flight on a stage;
+  ``images x 1025`` tokens (video frames are images here: they count toward
+  ``data.max_images_per_sequence``); 1F1B keeps ``pp - stage`` micro-batches in flight on a stage;
   the last stage adds fp32 logits ``2 x 4 s b V / t``.
 """
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_emu.config import derived
-from megatron_emu.contracts import params
+from megatron_emu.contracts import image_layout, params
 from megatron_emu.model.spec import ModelSpec
 from megatron_emu.utils import units
 
@@ -36,6 +37,7 @@ class PlanSpec:
     dp: int = 1
     micro_batch_size: int = 1
     use_distributed_optimizer: bool = True
+    video_frames: int = 8  # data.video_frames
 
 
 @dataclass
@@ -138,7 +140,17 @@ def plan(spec: PlanSpec) -> dict:
         "params_per_gpu": [int(x) for x in per_rank],
         "memory_gib_per_gpu": max(m["total"] for m in memory),
         "memory_per_stage": memory,
+        "video": video_capacity(spec),
     }
+
+
+def video_capacity(spec: PlanSpec) -> dict:
+    """How videos fit a sequence: tokens per video, and at most how many whole videos a
+    sequence holds (each frame is one image of ``max_images_per_sequence``)."""
+    m, frames = spec.model, spec.video_frames
+    per_video = image_layout.tokens_per_video(frames, m.model.adapter.n_query)
+    fit = min(m.max_images_per_sequence // frames, (m.seq_length + 1 - 2) // per_video)
+    return {"frames_per_video": frames, "tokens_per_video": per_video, "videos_per_sequence": fit}
 
 
 def format_plan(p: dict) -> str:
@@ -159,4 +171,7 @@ def format_plan(p: dict) -> str:
         lines.append(f"{s:<7}{p['lm_layers_per_stage'][s]:>10}{p['params_per_stage'][s]:>17,}"
                      f"{p['params_per_gpu'][s]:>15,}{mem}")
     lines.append(f"\nestimated peak memory per GPU: {units.size_gib(p['memory_gib_per_gpu'])}")
+    v = p["video"]
+    lines.append(f"video: {v['frames_per_video']} frames (ViT images) = {v['tokens_per_video']} tokens; "
+                 f"at most {v['videos_per_sequence']} whole video(s) per sequence")
     return "\n".join(lines)

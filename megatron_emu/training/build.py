@@ -112,7 +112,8 @@ def plan_spec(cfg: EmuConfig, data_parallel_size: Optional[int] = None) -> PlanS
     par = cfg.parallel
     return PlanSpec(model=model_spec(cfg), tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size,
                     dp=data_parallel_size or par.data_parallel_size or 1, micro_batch_size=cfg.train.micro_batch_size,
-                    use_distributed_optimizer=par.use_distributed_optimizer)
+                    use_distributed_optimizer=par.use_distributed_optimizer,
+                    video_frames=cfg.data.video_frames)
 
 
 # -- building ---------------------------------------------------------------------------------
