@@ -1,9 +1,11 @@
 """``megatron-emu-generate``: text generation after an interleaved prompt, on CPU or GPU.
 
-  megatron-emu-generate (--ckpt DIR | --hf HFDIR) (--prompt TEXT [--image PATH ...] | --prompt-ids 1,2,3)
-                        [--max-new-tokens N] [--greedy] [--json]
+  megatron-emu-generate (--ckpt DIR | --hf HFDIR) (--prompt TEXT [--image PATH ...] [--video PATH ...]
+                        | --prompt-ids 1,2,3) [--max-new-tokens N] [--greedy] [--json]
 
-``<image>`` in --prompt marks where each --image goes (in order); --json prints
+``<image>`` in --prompt marks where each --image goes (in order), ``<video>`` where each --video
+goes (its frames sampled as preprocessing samples them: data.video_frames of the checkpoint's
+config, or --video-frames); --json prints
 {"prompt_ids": [...], "output_ids": [...], "text": "..."} (output_ids: the new tokens only).
 """
 
@@ -25,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", help="text; each <image> is replaced by the next --image")
     prompt.add_argument("--prompt-ids", help="comma-separated token ids (used as is)")
     p.add_argument("--image", action="append", default=[], help="image file for the next <image>")
+    p.add_argument("--video", action="append", default=[], help="video file for the next <video>")
+    p.add_argument("--video-frames", type=int, help="frames sampled per video (default: data.video_frames)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
@@ -43,6 +47,8 @@ def _run(rank: int, args) -> dict:
     model, cfg, tok_dir = load_model(ckpt=args.ckpt, hf=args.hf, verify=not args.no_verify)
     tok_dir = args.tokenizer or tok_dir
     tokenizer = Emu2Tokenizer(tok_dir) if tok_dir else None
+    if args.video or (args.prompt and "<video>" in args.prompt):
+        return _run_with_videos(args, model, cfg, tokenizer)
     if args.prompt is not None:
         if tokenizer is None:
             raise ValueError("no tokenizer: pass --tokenizer DIR")
@@ -56,6 +62,30 @@ def _run(rank: int, args) -> dict:
                    top_k=args.top_k, seed=args.seed)
     text = tokenizer.decode(out) if tokenizer else ""
     return {"prompt_ids": ids, "output_ids": out, "text": text}
+
+
+def _run_with_videos(args, model, cfg, tokenizer) -> dict:
+    """A prompt with ``<video>`` (and maybe ``<image>``) placeholders."""
+    import torch
+
+    from megatron_emu.inference.generate import generate, load_images
+    from megatron_emu.inference.video import load_video, prompt_ids
+
+    if args.prompt is None or tokenizer is None:
+        raise ValueError("--video needs --prompt with <video> placeholders and a tokenizer (--tokenizer DIR)")
+    frames = args.video_frames or cfg.data.video_frames
+    if frames < 1:
+        raise ValueError(f"--video-frames {frames}: must be >= 1")
+    ids, order = prompt_ids(args.prompt, tokenizer, cfg.model.adapter.n_query, frames)
+    for kind, given in (("image", args.image), ("video", args.video)):
+        if order.count(kind) != len(given):
+            raise ValueError(f"the prompt has {order.count(kind)} <{kind}> placeholder(s) but {len(given)} --{kind}")
+    size, files = cfg.model.vision.image_size, {"image": iter(args.image), "video": iter(args.video)}
+    visual = [load_images([next(files[k])], size) if k == "image" else load_video(next(files[k]), frames, size)
+              for k in order]
+    out = generate(model, ids, torch.cat(visual), args.max_new_tokens, greedy=args.greedy,
+                   temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    return {"prompt_ids": ids, "output_ids": out, "text": tokenizer.decode(out)}
 
 
 def main(argv: list[str] | None = None) -> int:
