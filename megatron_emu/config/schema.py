@@ -101,7 +101,7 @@ class ModelConfig:
     # Conversion writes and reads it; the architecture is the same.
     model_version: Literal["base", "chat"] = "base"
     # Whether the visual embeddings of video frames ([gIMG] slots) are regression targets like
-    # images' (docs/configuration.md: off, the paper is silent and Emu2's inference never
+    # images' (docs/data.md: off, the paper is silent and Emu2's inference never
     # predicts them).
     regress_video_frames: bool = False
 
