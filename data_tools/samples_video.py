@@ -6,6 +6,7 @@ metadata + mp4 files, as video2dataset tars, and as video items of interleaved J
 
 from __future__ import annotations
 
+import csv
 import json
 import tarfile
 from pathlib import Path
@@ -56,12 +57,13 @@ def write_videos(out: Path) -> int:
         videos.append((f"{1000 + n}", encode_video(clip(load_photo(name), motion)), caption))
     for sub in ("webvid/videos", "webvid_tars", "jsonl_video/videos"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    with open(out / "webvid" / "results.csv", "w") as f:
-        f.write("videoid,contentUrl,duration,page_dir,name\n")
+    with open(out / "webvid" / "results.csv", "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["videoid", "contentUrl", "duration", "page_dir", "name"])
         for vid, data, caption in videos:
             (out / "webvid" / "videos" / f"{vid}.mp4").write_bytes(data)
             (out / "jsonl_video" / "videos" / f"{vid}.mp4").write_bytes(data)
-            f.write(f'{vid},https://videos.example.org/{vid}.mp4,PT00H00M02S,samples,"{caption}"\n')
+            rows.writerow([vid, f"https://videos.example.org/{vid}.mp4", "PT00H00M02S", "samples", caption])
     with tarfile.open(out / "webvid_tars" / "00000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
         for i, (vid, data, caption) in enumerate(videos):
             key = f"00000{i:04d}"

@@ -127,3 +127,23 @@ def test_version_one_datasets_are_still_read(tmp_path):
     np.save(tmp_path / sf.INDEX_FILE, np.ones((3, 7), dtype=np.int64))
     with pytest.raises(sf.ShardFormatError, match=r"expected shape \[N, 6\]"):
         sf.load_index(tmp_path)
+
+
+def test_parquet_metadata_joined_with_video2dataset_tars_by_url(samples, tokenizer_dir, webvid, tmp_path):
+    """WebVid metadata as parquet, without a path column: each row's contentUrl finds its video
+    in video2dataset tars (their KEY.json url); the frames equal the mp4-folder run's."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with open(samples / "webvid" / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows.append({**rows[0], "videoid": "999", "contentUrl": "https://videos.example.org/absent.mp4"})
+    pq.write_table(pa.table({k: [r[k] for r in rows] for k in rows[0]}), tmp_path / "meta.parquet")
+    summary = _run(samples, tokenizer_dir, tmp_path / "out", [str(tmp_path / "meta.parquet")],
+                   images=str(samples / "webvid_tars"))
+    assert summary["documents"] == 6 and summary["skipped"] == {"missing_video": 1}
+    by_csv = {d.segments[1][1][0]: d.segments[0][1] for _, d in _documents(webvid[0])}
+    for _, doc in _documents(tmp_path / "out"):
+        assert doc.segments[0][1] == by_csv[doc.segments[1][1][0]]
