@@ -213,7 +213,8 @@ def merge(out: Path, records: list[Optional[dict]], tokenizer: Emu2Tokenizer, op
     for rec in records:
         skipped.update(rec["skipped"])
     shards = [sf.SHARD_PATTERN.format(k) + ".tar" for k in range(len(records))]
-    meta = {**_identity(opts, tokenizer), "vocab_size": tokenizer.vocab_size, "shards": shards}
+    meta = {**_identity(opts, tokenizer), "vocab_size": tokenizer.vocab_size, "shards": shards,
+            "videos": int(index[:, sf.COL_VIDEOS].sum())}
     summary = {"documents": int(sum(r["documents"] for r in records)),
                "images": int(sum(r["images"] for r in records)),
                "videos": int(index[:, sf.COL_VIDEOS].sum()),

@@ -240,10 +240,6 @@ def _data(errors: list[str], cfg: EmuConfig) -> None:
         errors.append(f"data.max_images_per_sequence ({d.max_images_per_sequence}) must be >= 0")
     if d.video_frames < 1:
         errors.append(f"data.video_frames ({d.video_frames}) must be >= 1")
-    elif d.video_frames > d.max_images_per_sequence:
-        errors.append(f"data.video_frames ({d.video_frames}) exceeds data.max_images_per_sequence "
-                      f"({d.max_images_per_sequence}): frames count against that cap, so every video "
-                      f"would be dropped; raise the cap or sample fewer frames")
     if not 0.0 <= d.valid_fraction < 1.0:
         errors.append(f"data.valid_fraction ({d.valid_fraction}) must be in [0, 1)")
     if d.valid_fraction and d.valid_path:

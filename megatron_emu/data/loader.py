@@ -243,6 +243,12 @@ class EmuDataLoader:
                 raise ValueError(f"data.path {d}: images were preprocessed at {meta['image_size']} px "
                                  f"but model.vision.image_size is {spec.image_size}; re-run "
                                  f"`megatron-emu-data preprocess --image-size {spec.image_size}`")
+            frames = int(meta.get("video_frames") or 0)
+            if meta.get("videos") and frames > spec.max_images:
+                raise ValueError(f"data.path {d}: its videos have {frames} frames but "
+                                 f"data.max_images_per_sequence is {spec.max_images} (frames count as images), "
+                                 f"so every video would be dropped; raise the cap or re-run "
+                                 f"`megatron-emu-data preprocess --video-frames {spec.max_images}`")
             metas.append(meta)
             indexes.append(index)
         pack = PackingSpec(seq_length=spec.seq_length, tokens_per_image=image_layout.tokens_per_image(spec.n_query),

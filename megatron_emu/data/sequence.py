@@ -25,7 +25,9 @@ from megatron_emu.data.shard_format import Document
 @dataclass
 class Sequence:
     """tokens/labels ``[s]`` int64, loss_mask ``[s]`` float32, reg_mask ``[s]`` bool (position
-    ``t`` regresses the visual embedding at ``t + 1``), images: encoded images in order."""
+    ``t`` regresses the image embedding at ``t + 1``; video frames are regressed or not by
+    ``model.regress_video_frames``, in ``contracts/batch.py``), images: encoded images and video
+    frames in slot order."""
 
     tokens: np.ndarray
     labels: np.ndarray

@@ -126,3 +126,9 @@ def test_resume_with_videos_is_exact(video_data):
         b = next(resumed)
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.images, b.images) and a.keys == b.keys
     assert any(VIDEO in a.tokens.tolist()[0] + a.tokens.tolist()[1] for a in expected)
+
+
+def test_videos_longer_than_the_image_cap_are_a_clear_error(video_data):
+    with pytest.raises(ValueError, match=r"its videos have 3 frames but data.max_images_per_sequence is 2"):
+        EmuDataLoader(_spec(video_data, max_images=2))
+    EmuDataLoader(_spec({**video_data, "webvid": video_data["mmc4"]}, max_images=0))  # no videos: fine
