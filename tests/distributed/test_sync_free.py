@@ -44,7 +44,7 @@ class _Recorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _step(rank: int, tp: int, pp: int, backend: str) -> list[str]:
+def _step(rank: int, tp: int, pp: int, backend: str, video_frames: int = 0) -> list[str]:
     from megatron_emu.parallel.groups import init_distributed
     from megatron_emu.parallel.sizes import ParallelSizes
     from megatron_emu.training import build
@@ -58,7 +58,7 @@ def _step(rank: int, tp: int, pp: int, backend: str) -> list[str]:
     model = wrap_ddp(build.ddp_spec(cfg), build.model_chunks(cfg, pgs), pgs)
     optimizer, _ = build_optimizer(build.optimizer_spec(cfg), model, pgs)
     step = build.step_spec(cfg, ParallelSizes.from_groups(pgs))
-    batches = make_microbatches(cfg)
+    batches = make_microbatches(cfg, video_frames=video_frames, regress_video=bool(video_frames))
     assert sum(b.num_images for b in batches) > 0
     recorder = _Recorder()
     with recorder:
@@ -71,6 +71,12 @@ def _step(rank: int, tp: int, pp: int, backend: str) -> list[str]:
 @pytest.mark.parametrize("tp,pp,backend", [(1, 1, "sdpa"), (2, 2, "sdpa"), (1, 1, "unfused")])
 def test_training_step_has_no_host_syncing_operator(tp, pp, backend):
     for found in run_ranks(tp * pp, _step, tp, pp, backend):
+        assert found == [], f"operators that synchronise with the host: {sorted(set(found))}"
+
+
+def test_training_step_with_video_has_no_host_syncing_operator():
+    """Frames at the [gIMG] slots and their regression targets through the pipeline payload."""
+    for found in run_ranks(4, _step, 2, 2, "sdpa", 2):
         assert found == [], f"operators that synchronise with the host: {sorted(set(found))}"
 
 
