@@ -2,9 +2,10 @@
 
   megatron-emu-data tokenizer --llama-model tokenizer.model --out DIR
   megatron-emu-data tokenizer --train TEXTFILE --vocab-size N --out DIR
-  megatron-emu-data preprocess --format {img2dataset,mmc4,obelics,laion,jsonl,webvid} --input PATH...
-                               [--images DIR] --tokenizer DIR --out DIR [--image-size 448] [--workers N]
-                               [--video-frames 8] [--overwrite]
+  megatron-emu-data preprocess --format {img2dataset,mmc4,obelics,laion,jsonl,webvid,llava,gen}
+                               --input PATH... [--images DIR] --tokenizer DIR --out DIR [--image-size 448]
+                               [--workers N] [--video-frames 8] [--system-message short|detailed|none]
+                               [--overwrite]
   megatron-emu-data inspect DIR [--tokenizer DIR]
   megatron-emu-data samples --out DIR [--copies N]      (real photos + captions, every input format)
 """
@@ -33,12 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output directory")
 
     pp = sub.add_parser("preprocess", help="inputs -> interleaved-document WebDataset shards")
-    pp.add_argument("--format", required=True, choices=["img2dataset", "mmc4", "obelics", "laion", "jsonl", "webvid"])
+    pp.add_argument("--format", required=True, choices=["img2dataset", "mmc4", "obelics", "laion", "jsonl", "webvid",
+                                                       "llava", "gen"])
     pp.add_argument("--input", nargs="+", required=True, help="input files or directories")
     pp.add_argument("--images", help="image/video folder, or folder of img2dataset/video2dataset tars "
                                      "(joined by URL)")
     pp.add_argument("--video-frames", type=int, default=8,
                     help="frames sampled uniformly from each video (default 8)")
+    pp.add_argument("--system-message", choices=["short", "detailed", "none"], default="short",
+                    help="llava: the chat template's system message (default short; docs/tuning.md)")
     pp.add_argument("--tokenizer", required=True, help="directory from `megatron-emu-data tokenizer`")
     pp.add_argument("--out", required=True, help="output dataset directory")
     pp.add_argument("--image-size", type=int, default=448, help="square image side (default 448)")
@@ -97,7 +101,7 @@ def _preprocess(args) -> int:
                    images=args.images, image_size=args.image_size, workers=args.workers,
                    shard_size=args.shard_size, caption_field=args.caption_field,
                    max_pixels=args.max_pixels, progress=not args.no_progress,
-                   video_frames=args.video_frames,
+                   video_frames=args.video_frames, system_message=args.system_message,
                    num_tasks=args.num_tasks, merge_only=args.merge_only, overwrite=args.overwrite,
                    task_index=args.task_index if args.task_index is not None
                    else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")) if args.num_tasks > 1 else 0)

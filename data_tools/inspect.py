@@ -18,8 +18,12 @@ from PIL import Image
 
 from data_tools.sources.tars import TarScan
 from megatron_emu.data import shard_format as sf
+from megatron_emu.contracts import chat_template
 from megatron_emu.contracts import vocab as st
 from megatron_emu.data.tokenizer import Emu2Tokenizer
+
+
+_NAMES = {i: name for name, i in {**st.TOKEN_IDS, **st.CHAT_IDS}.items()}
 
 
 def _check_image(data: bytes, size: int) -> Optional[str]:
@@ -93,6 +97,10 @@ def _check_sample(key: str, members: dict, size: int, tok) -> list[str]:
                 if msg:
                     problems.append(msg)
             continue
+        if kind == "special":
+            if value not in chat_template.DOCUMENT_TOKEN_IDS:
+                problems.append(f"special segment {value} is not a template or grounding token")
+            continue
         text, ids = value
         if any(not 0 <= i < st.EMU2_VOCAB_SIZE for i in ids):
             problems.append("token id outside the Emu2 vocabulary")
@@ -106,7 +114,7 @@ def _check_sample(key: str, members: dict, size: int, tok) -> list[str]:
 def _check_counts(doc_json: bytes, row: np.ndarray) -> list[str]:
     try:
         meta = json.loads(doc_json)
-        n_text = sum(len(s["ids"]) for s in meta["segments"] if "ids" in s)
+        n_text = sum(len(s["ids"]) if "ids" in s else 1 for s in meta["segments"] if "ids" in s or "special" in s)
         n_img = sum(1 if "image" in s else len(s["video"]) for s in meta["segments"]
                     if "image" in s or "video" in s)
         n_video = sum(1 for s in meta["segments"] if "video" in s)
@@ -130,6 +138,8 @@ def _show(key: str, members: dict, tok) -> dict:
             parts.append("[IMG]<image>...[/IMG]")
         elif kind == "video":
             parts.append(f"[VIDEO]({len(value)} frames)")
+        elif kind == "special":
+            parts.append(_NAMES.get(value, str(value)))
         else:
             parts.append(tok.decode(value[1]) if tok else value[0])
     return {"key": key, "kind": doc.kind, "images": doc.n_images, "text": " ".join(parts)[:300]}

@@ -58,12 +58,13 @@ class Options:
     merge_only: bool = False
     overwrite: bool = False  # replace another dataset in `out` (refused otherwise)
     video_frames: int = DEFAULT_FRAMES  # frames sampled uniformly per video (data_tools/video.py)
+    system_message: str = "short"  # llava: the chat template's system message (short | detailed | none)
 
     def fingerprint(self, tokenizer_sha: str) -> str:
         """What the shard bytes depend on besides the unit."""
         keys = {"format": self.format, "image_size": self.image_size, "caption_field": self.caption_field,
                 "max_pixels": self.max_pixels, "tokenizer": tokenizer_sha, "version": sf.FORMAT_VERSION,
-                "video_frames": self.video_frames}
+                "video_frames": self.video_frames, "system_message": self.system_message}
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -104,30 +105,39 @@ def normalize_text(text: str) -> str:
 
 def convert(raw: RawDoc, opts: Options, stats: ShardStats) -> Optional[sf.Document]:
     """Tokenize and process one document; bad images and videos are dropped (and counted);
-    returns None when nothing usable is left (a pair needs its image or video and its caption)."""
-    segments = []
-    for kind, value in raw.segments:
+    returns None when nothing usable is left (a pair needs its image or video and its caption; a
+    conversation or generation sample needs every image and an answer or caption)."""
+    segments, no_loss = [], set()
+    for i, (kind, value) in enumerate(raw.segments):
         if kind == "text":
             text = normalize_text(value)
             ids = _Worker.tok.encode(text) if text else []
-            if ids:
-                segments.append(("text", (text, ids)))
-            continue
-        try:
-            if kind == "video":
-                segments.append(("video", process_video(value(), opts.video_frames, opts.image_size,
-                                                        opts.max_pixels)))
-            else:
-                segments.append(("image", process_image(value(), opts.image_size, opts.max_pixels)))
-        except SkipSample as e:
-            _note_skip(stats, e.reason, raw.key, e.detail)
-            if raw.kind == "pair":
-                return None
+            segment = ("text", (text, ids)) if ids else None
+        elif kind == "special":
+            segment = ("special", value)
+        else:
+            try:
+                if kind == "video":
+                    segment = ("video", process_video(value(), opts.video_frames, opts.image_size,
+                                                      opts.max_pixels))
+                else:
+                    segment = ("image", process_image(value(), opts.image_size, opts.max_pixels))
+            except SkipSample as e:
+                _note_skip(stats, e.reason, raw.key, e.detail)
+                if raw.kind != "interleaved":
+                    return None
+                segment = None
+        if segment is not None:
+            if i in raw.no_loss:
+                no_loss.add(len(segments))
+            segments.append(segment)
     kinds = [k for k, _ in segments]
-    if not segments or (raw.kind == "pair" and kinds.count("text") != 1):
+    trained = [k for i, k in enumerate(kinds) if k == "text" and i not in no_loss]
+    if not segments or (raw.kind == "pair" and kinds.count("text") != 1) or (raw.kind == "chat" and not trained):
         _note_skip(stats, "empty_document", raw.key)
         return None
-    return sf.Document(key=raw.key, kind=raw.kind, segments=segments, source=raw.source)
+    return sf.Document(key=raw.key, kind=raw.kind, segments=segments, source=raw.source,
+                       no_loss=frozenset(no_loss))
 
 
 def process_unit(job: tuple) -> dict:
@@ -176,7 +186,7 @@ def _write_documents(tar: tarfile.TarFile, k: int, unit: sources.Unit, opts: Opt
         start = tar.offset
         for ext, data in members.items():
             sf.write_member(tar, f"{key}.{ext}", data)
-        n_text = sum(len(v[1]) for kk, v in doc.segments if kk == "text")
+        n_text = sum(len(v[1]) if kk == "text" else 1 for kk, v in doc.segments if kk in ("text", "special"))
         stats.rows.append([key, start, tar.offset - start, n_text, doc.n_images,
                            sf.KIND_CODES[doc.kind], doc.n_videos])
         stats.documents += 1
@@ -222,6 +232,8 @@ def merge(out: Path, records: list[Optional[dict]], tokenizer: Emu2Tokenizer, op
                "shards": len(shards), "skipped": dict(sorted(skipped.items())),
                "pairs": int((index[:, sf.COL_KIND] == sf.KIND_CODES["pair"]).sum()),
                "interleaved": int((index[:, sf.COL_KIND] == sf.KIND_CODES["interleaved"]).sum())}
+    summary.update({kind: int((index[:, sf.COL_KIND] == sf.KIND_CODES[kind]).sum())
+                    for kind in ("chat", "grounded", "edit") if (index[:, sf.COL_KIND] == sf.KIND_CODES[kind]).any()})
     outdir.atomic_write(out / sf.SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
     outdir.atomic_write(out / sf.DATASET_FILE, (json.dumps(meta, indent=2) + "\n").encode())
     return summary

@@ -28,14 +28,16 @@ class Unit:
 class RawDoc:
     """A document before tokenization and image processing.
 
-    ``segments``: ``("text", str)``, ``("image", ImageRef)`` or ``("video", ImageRef)`` (the
-    encoded video file) in reading order.
+    ``segments``: ``("text", str)``, ``("special", id)``, ``("image", ImageRef)`` or
+    ``("video", ImageRef)`` (the encoded video file) in reading order; ``no_loss``: indices of
+    the segments that are no cross-entropy targets (a conversation's prompt).
     """
 
     key: str
-    kind: str  # "pair" | "interleaved"
+    kind: str  # "pair" | "interleaved" | "chat" | "grounded" | "edit"
     segments: list = field(default_factory=list)
     source: dict = field(default_factory=dict)
+    no_loss: set = field(default_factory=set)
 
 
 @dataclass
@@ -75,10 +77,11 @@ def loads_object(data, what: str) -> dict:
 def get_format(name: str):
     """The format module for ``--format``: it provides ``plan(inputs, opts) -> list[Unit]`` and
     ``read(unit, opts) -> Iterator[Item]``."""
-    from data_tools.sources import img2dataset, records, webvid
+    from data_tools.sources import img2dataset, records, tuning, webvid
 
     formats = {"img2dataset": img2dataset, "mmc4": records.MMC4, "obelics": records.OBELICS,
-               "laion": records.LAION, "jsonl": records.JSONL, "webvid": webvid}
+               "laion": records.LAION, "jsonl": records.JSONL, "webvid": webvid,
+               "llava": tuning.LLAVA, "gen": tuning.GEN}
     try:
         return formats[name]
     except KeyError:

@@ -153,6 +153,9 @@ class TrainConfig:
     clip_grad: float = 5.0
     # Parameter-name globs (e.g. "vision.*") that are frozen: no gradient, no optimizer state.
     freeze: list[str] = field(default_factory=list)
+    # Which visual embeddings are regressed (docs/tuning.md): "all" (pretraining), "last_image"
+    # (Emu2-Gen: only each sample's last image, the one to generate) or "none" (Emu2-Chat).
+    regression: Literal["all", "last_image", "none"] = "all"
     recompute_granularity: Optional[Literal["selective", "full"]] = None
     # FP8 (Transformer Engine spec, bf16): format, and the scaling recipe: "delayed" (amax
     # history) or "current" (per-tensor current scaling, TE's Float8CurrentScaling).

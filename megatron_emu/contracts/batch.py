@@ -85,11 +85,13 @@ class Emu2Batch:
 
 
 def host_indices(tokens: np.ndarray, image_id: int, video_id: Optional[int] = None,
-                 regress_video: bool = False) -> dict[str, np.ndarray]:
+                 regress_video: bool = False, reg_mask: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
     """tokens ``[b, s]`` -> ``image_rows [N]``, ``reg_rows [R]``, ``reg_features [R]`` (int64).
 
     ``video_id``: the slot token of video frames (also visual embeddings); their embeddings are
-    regression targets only with ``regress_video``."""
+    regression targets only with ``regress_video``. ``reg_mask`` ``[b, s]`` bool, when given,
+    says exactly which positions regress the slot after them (the data layer's choice:
+    ``train.regression``); it must only mark positions followed by a slot."""
     b, s = tokens.shape
     is_image = tokens == image_id
     is_slot = is_image if video_id is None else is_image | (tokens == video_id)
@@ -100,6 +102,11 @@ def host_indices(tokens: np.ndarray, image_id: int, video_id: Optional[int] = No
     target = is_slot if regress_video else is_image
     regressed = np.zeros((b, s), dtype=bool)
     regressed[:, :-1] = target[:, 1:]
+    if reg_mask is not None:
+        given = np.asarray(reg_mask, dtype=bool)
+        if (given[:, :-1] & ~is_slot[:, 1:]).any() or given[:, -1].any():
+            raise ValueError("reg_mask marks a position that is not followed by a visual slot")
+        regressed = given
     r_sample, r_pos = np.nonzero(regressed)
     return {"image_rows": image_rows, "reg_rows": (r_pos * b + r_sample).astype(np.int64),
             "reg_features": feature[r_sample, r_pos + 1]}
@@ -113,13 +120,14 @@ def ce_mask(labels: np.ndarray, loss_mask: np.ndarray, ignore_ids: Sequence[int]
 
 def make_batch(tokens, labels, loss_mask, images, *, image_id: int,
                ce_ignore_ids: Sequence[int], video_id: Optional[int] = None,
-               regress_video: bool = False) -> Emu2Batch:
+               regress_video: bool = False, reg_mask=None) -> Emu2Batch:
     """Host tensors or arrays (tokens/labels ``[b, s]``, loss_mask ``[b, s]`` 0 at padding,
-    images ``[n, 3, H, W]`` or None: images and video frames in slot order) -> a complete
-    ``Emu2Batch`` on the host."""
+    images ``[n, 3, H, W]`` or None: images and video frames in slot order; ``reg_mask``
+    ``[b, s]``: see ``host_indices``) -> a complete ``Emu2Batch`` on the host."""
     tok = np.asarray(tokens, dtype=np.int64)
     lab = np.asarray(labels, dtype=np.int64)
-    idx = host_indices(tok, image_id, video_id, regress_video)
+    idx = host_indices(tok, image_id, video_id, regress_video,
+                       None if reg_mask is None else np.asarray(reg_mask))
     as_tensor = torch.from_numpy
     return Emu2Batch(
         tokens=as_tensor(tok), labels=as_tensor(lab),

@@ -26,6 +26,7 @@ from typing import NamedTuple, Optional
 
 from PIL import Image
 
+from megatron_emu.contracts import chat_template
 from megatron_emu.contracts import vocab as st
 from megatron_emu.data.shard_format import Document, split_key
 
@@ -64,6 +65,9 @@ def check_document(doc: Document) -> Optional[str]:
                 problem = check_jpeg(frame)
                 if problem:
                     return problem
+        elif kind == "special":
+            if value not in chat_template.DOCUMENT_TOKEN_IDS:
+                return f"special segment {value} is not a template or grounding token"
         elif value and (min(value) < 0 or max(value) >= st.LLAMA_VOCAB_SIZE
                         or st.BOS_ID in value or st.EOS_ID in value):
             return "text has special or out-of-vocabulary token ids"

@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from megatron_emu.contracts import image_layout
+from megatron_emu.contracts import image_layout, vocab
 from megatron_emu.contracts.batch import Emu2Batch, make_batch
 from megatron_emu.contracts.blend import split_entry
 from megatron_emu.data import bad_samples as bad
@@ -68,6 +68,10 @@ class LoaderSpec:
     ce_ignore_ids: tuple = ()
     # Whether video frame embeddings are regression targets (model.regress_video_frames).
     regress_video_frames: bool = False
+    # Which image embeddings are regressed: all | last_image | none (train.regression).
+    regression: str = "all"
+    # The model's vocabulary (model.lm.vocab_size): a dataset of conversations needs [USER] and [ASSISTANT].
+    vocab_size: int = 32274
     # "all" documents, or the "train" / "valid" side of data.valid_fraction (plan.in_valid_split).
     split: str = "all"
     valid_fraction: float = 0.0
@@ -92,7 +96,8 @@ class LoaderBatch:
         pixels stay uint8 until the device normalises them."""
         return make_batch(self.tokens, self.labels, self.loss_mask, self.images,
                           image_id=image_layout.PLACEHOLDER_ID, ce_ignore_ids=ce_ignore_ids,
-                          video_id=image_layout.VIDEO_SLOT_ID, regress_video=self.regress_video)
+                          video_id=image_layout.VIDEO_SLOT_ID, regress_video=self.regress_video,
+                          reg_mask=self.reg_mask)
 
 
 class SequenceReader(torch.utils.data.Dataset):
@@ -134,7 +139,7 @@ class SequenceReader(torch.utils.data.Dataset):
                 docs.append((document, image_first(s.seed, dataset, epoch, doc, s.image_first_prob)))
                 owner.update({id(v): doc for k, v in document.segments if k == "image"})
                 owner.update({id(f): doc for k, v in document.segments if k == "video" for f in v})
-        seq = build_sequence(docs, s.seq_length, s.n_query, s.max_images)
+        seq = build_sequence(docs, s.seq_length, s.n_query, s.max_images, s.regression, s.regress_video_frames)
         if not s.decode_images:
             images = []
         elif self.decode_here:
@@ -249,6 +254,11 @@ class EmuDataLoader:
                                  f"data.max_images_per_sequence is {spec.max_images} (frames count as images), "
                                  f"so every video would be dropped; raise the cap or re-run "
                                  f"`megatron-emu-data preprocess --video-frames {spec.max_images}`")
+            if spec.vocab_size < vocab.CHAT_VOCAB_SIZE and (index[:, sf.COL_KIND] == sf.KIND_CODES["chat"]).any():
+                raise ValueError(f"data.path {d} holds conversations ([USER] / [ASSISTANT], ids "
+                                 f"{vocab.USER_ID}, {vocab.ASSISTANT_ID}) but model.lm.vocab_size is "
+                                 f"{spec.vocab_size}; set model.lm.vocab_size={vocab.CHAT_VOCAB_SIZE} "
+                                 f"(and model.model_version=chat)")
             metas.append(meta)
             indexes.append(index)
         pack = PackingSpec(seq_length=spec.seq_length, tokens_per_image=image_layout.tokens_per_image(spec.n_query),

@@ -8,7 +8,9 @@ split: one that does not fit (or exceeds the per-sequence image cap, frames coun
 with its tokens, text is cut at the end. A pair (one image or video + caption) puts its image or
 video before the caption with
 probability ``image_first_prob`` (stage 2: 0.5), decided by a per-document seed, so a sequence is
-a pure function of its descriptor.
+a pure function of its descriptor. Special segments (the chat template's tokens) go in as
+they are; the tokens of a document's ``no_loss`` segments (a conversation's prompt) are no
+cross-entropy targets, and ``train.regression`` chooses the regressed images (``build_sequence``).
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from megatron_emu.data.shard_format import Document
 
 @dataclass
 class Sequence:
-    """tokens/labels ``[s]`` int64, loss_mask ``[s]`` float32, reg_mask ``[s]`` bool (position
-    ``t`` regresses the image embedding at ``t + 1``; video frames are regressed or not by
-    ``model.regress_video_frames``, in ``contracts/batch.py``), images: encoded images and video
-    frames in slot order."""
+    """tokens/labels ``[s]`` int64, loss_mask ``[s]`` float32 (0 at padding, document joins and
+    labels of ``no_loss`` segments), reg_mask ``[s]`` bool (position ``t`` regresses the visual
+    embedding at ``t + 1``: ``train.regression`` and ``model.regress_video_frames``), images:
+    encoded images and video frames in slot order."""
 
     tokens: np.ndarray
     labels: np.ndarray
@@ -55,43 +57,80 @@ def ordered_segments(doc: Document, first: bool) -> list:
     return images + texts if first else texts + images
 
 
+REGRESSION_MODES = ("all", "last_image", "none")
+
+
+def _last_image(segments: list) -> int:
+    """Index in ``segments`` of the document's last image (-1: none)."""
+    last = [i for i, (kind, _) in enumerate(segments) if kind == "image"]
+    return last[-1] if last else -1
+
+
 def build_sequence(docs: list[tuple[Document, bool]], seq_length: int, n_query: int,
-                   max_images: int) -> Sequence:
-    """Pack ``(document, image_first)`` items, in order, into one sequence of ``seq_length``."""
+                   max_images: int, regression: str = "all", regress_video: bool = False) -> Sequence:
+    """Pack ``(document, image_first)`` items, in order, into one sequence of ``seq_length``.
+
+    ``regression`` (``train.regression``): "all" regresses every image embedding (and video
+    frames' with ``regress_video``), "last_image" only those of each document's last image (the
+    generated image of an Emu2-Gen sample; none when that image did not fit), "none" nothing.
+    Tokens of a document's ``no_loss`` segments are no cross-entropy targets."""
+    if regression not in REGRESSION_MODES:
+        raise ValueError(f"train.regression {regression!r}: choose from {list(REGRESSION_MODES)}")
     cap = seq_length + 1
     tokens: list[int] = []
+    target: list[bool] = []  # token t is a cross-entropy target
+    regressed: list[bool] = []  # token t is a visual slot whose embedding is regressed
     images: list = []
     boundaries: list[int] = []  # indices of </s> tokens followed by another document
     per_image = image_layout.tokens_per_image(n_query)
+
+    def put(ids: list[int], loss: bool, reg: bool = False) -> None:
+        tokens.extend(ids)
+        target.extend([loss] * len(ids))
+        slots = (image_layout.PLACEHOLDER_ID, image_layout.VIDEO_SLOT_ID)
+        regressed.extend(reg and i in slots for i in ids)
+
     for doc, first in docs:
         if len(tokens) >= cap:
             break
         if tokens:
             boundaries.append(len(tokens) - 1)
-        tokens.append(st.BOS_ID)
-        for kind, value in ordered_segments(doc, first):
+        put([st.BOS_ID], True)
+        segments = ordered_segments(doc, first)
+        last_image = _last_image(segments)
+        no_loss = doc.no_loss if doc.kind != "pair" else frozenset()
+        for i, (kind, value) in enumerate(segments):
             room = cap - len(tokens)
+            loss = i not in no_loss
             if kind == "text":
-                tokens.extend(value[:room])
+                put(value[:room], loss)
+            elif kind == "special":
+                if room:
+                    put([value], loss)
             elif kind == "video":
                 if image_layout.tokens_per_video(len(value), n_query) <= room \
                         and len(images) + len(value) <= max_images:
-                    tokens += image_layout.video_block(len(value), n_query)
+                    put(image_layout.video_block(len(value), n_query), loss,
+                        regression == "all" and regress_video)
                     images.extend(value)
             elif per_image <= room and len(images) < max_images:
-                tokens += image_layout.image_block(n_query)
+                reg = regression == "all" or (regression == "last_image" and i == last_image)
+                put(image_layout.image_block(n_query), loss, reg)
                 images.append(value)
         if len(tokens) < cap:
-            tokens.append(st.EOS_ID)
+            put([st.EOS_ID], True)
     n = min(len(tokens), cap)
     full = np.full(cap, st.PAD_ID, dtype=np.int64)
     full[:n] = tokens[:n]
     inputs, labels = full[:-1].copy(), full[1:].copy()
     loss_mask = np.zeros(seq_length, dtype=np.float32)
     loss_mask[: max(n - 1, 0)] = 1.0
+    loss_mask[: max(n - 1, 0)] *= np.asarray(target[1:n], dtype=np.float32)
     for b in boundaries:  # do not train </s> -> next document's <s>
         if b < seq_length and inputs[b] == st.EOS_ID:
             loss_mask[b] = 0.0
+    slots = np.zeros(cap, dtype=bool)
+    slots[:n] = regressed[:n]
     reg_mask = np.zeros(seq_length, dtype=bool)
-    reg_mask[:-1] = inputs[1:] == image_layout.PLACEHOLDER_ID
+    reg_mask[:-1] = slots[1:seq_length]
     return Sequence(inputs, labels, loss_mask, reg_mask, images, [d.key for d, _ in docs])

@@ -5,18 +5,24 @@ read them) and a random-access index::
 
     DIR/shard-000000.tar     one sample per document: KEY.json + KEY.0.jpg, KEY.1.jpg, ...
     DIR/shard-000000.json    that shard's stats and per-document index rows (written after the tar)
-    DIR/index.npy            int64 [N, 7]: shard, byte offset, byte size, text tokens, images
+    DIR/index.npy            int64 [N, 7]: shard, byte offset, byte size, text tokens (special
+                             segments included), images
                              (video frames included), kind, videos ([N, 6] in version 1)
     DIR/dataset.json         format version, image size, tokenizer fingerprint, shard names;
                              ``incomplete: reason`` while a run rewrites shards or after one failed
     DIR/summary.json         documents, images, text_tokens, shards, skipped{reason: count}
 
-``KEY.json`` = ``{"kind": "pair"|"interleaved", "segments": [{"text": str, "ids": [int]} |
-{"image": i} | {"video": [i, j, ...]}, ...], "source": {...}}``: ordered text segments (already
-tokenized with the Emu2 tokenizer, without ``<s>``/``</s>``), images (JPEG members ``KEY.i.jpg``,
-resized for the model) and videos (their sampled frames, in order, as JPEG members numbered with
-the images). A "pair" is one image or video and one caption; the loader decides its order.
-Version 2 added videos (and the index's videos column); version-1 datasets are still read.
+``KEY.json`` = ``{"kind": "pair"|"interleaved"|"chat"|"grounded"|"edit", "segments": [{"text": str,
+"ids": [int]} | {"special": int} | {"image": i} | {"video": [i, j, ...]}, ...], "source": {...}}``:
+ordered text segments (already tokenized with the Emu2 tokenizer, without ``<s>``/``</s>``),
+special tokens between them (the chat template's and the grounding vocabulary's,
+``contracts/chat_template.py``), images (JPEG members ``KEY.i.jpg``, resized for the model) and
+videos (their sampled frames, in order, as JPEG members numbered with the images). A segment with
+``"loss": false`` is no cross-entropy target (the prompt of a conversation). A "pair" is one image
+or video and one caption; the loader decides its order. "chat" is a conversation, "grounded" and
+"edit" are image-generation samples (docs/tuning.md). Version 2 added videos (and the index's
+videos column), version 3 the chat and generation kinds, special segments and ``loss``; older
+datasets are still read.
 This module imports only the standard library and numpy.
 """
 
@@ -30,13 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = {1: 6, 2: 7}  # format version -> index.npy columns
+FORMAT_VERSION = 3
+READABLE_VERSIONS = {1: 6, 2: 7, 3: 7}  # format version -> index.npy columns
 SHARD_PATTERN = "shard-{:06d}"
 INDEX_FILE = "index.npy"
 DATASET_FILE = "dataset.json"
 SUMMARY_FILE = "summary.json"
-KIND_CODES = {"pair": 0, "interleaved": 1}
+KIND_CODES = {"pair": 0, "interleaved": 1, "chat": 3, "grounded": 4, "edit": 5}
 KIND_NAMES = {v: k for k, v in KIND_CODES.items()}
 # Columns of index.npy.
 COL_SHARD, COL_OFFSET, COL_SIZE, COL_TEXT, COL_IMAGES, COL_KIND, COL_VIDEOS = range(7)
@@ -49,12 +55,14 @@ class ShardFormatError(ValueError):
 @dataclass
 class Document:
     """One interleaved document: ``segments`` in order, each ``("text", ids)``,
-    ``("image", jpeg_bytes)`` or ``("video", [jpeg_bytes, ...])`` (frames in order)."""
+    ``("special", id)``, ``("image", jpeg_bytes)`` or ``("video", [jpeg_bytes, ...])`` (frames in
+    order); ``no_loss``: indices of the segments that are no cross-entropy targets."""
 
     key: str
     kind: str
     segments: list[tuple[str, object]] = field(default_factory=list)
     source: dict = field(default_factory=dict)
+    no_loss: frozenset = frozenset()
 
     @property
     def n_images(self) -> int:
@@ -85,6 +93,8 @@ def encode_document(doc: Document) -> dict[str, bytes]:
     for kind, value in doc.segments:
         if kind == "text":
             segments.append({"text": value[0], "ids": list(map(int, value[1]))})
+        elif kind == "special":
+            segments.append({"special": int(value)})
         elif kind == "video":
             segments.append({"video": list(range(n, n + len(value)))})
             for frame in value:
@@ -94,6 +104,8 @@ def encode_document(doc: Document) -> dict[str, bytes]:
             members[f"{n}.jpg"] = value
             segments.append({"image": n})
             n += 1
+    for i in doc.no_loss:
+        segments[i]["loss"] = False
     meta = {"kind": doc.kind, "segments": segments, "source": doc.source}
     members["json"] = json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode()
     return members
@@ -105,9 +117,13 @@ def decode_document(key: str, members: dict[str, bytes], keep_text: bool = False
     try:
         meta = json.loads(members["json"])
         kind = meta["kind"]
-        segments = []
+        segments, no_loss = [], set()
         for seg in meta["segments"]:
-            if "image" in seg:
+            if seg.get("loss", True) is not True:
+                no_loss.add(len(segments))
+            if "special" in seg:
+                segments.append(("special", int(seg["special"])))
+            elif "image" in seg:
                 segments.append(("image", members[f"{int(seg['image'])}.jpg"]))
             elif "video" in seg:
                 frames = [members[f"{int(i)}.jpg"] for i in seg["video"]]
@@ -121,7 +137,8 @@ def decode_document(key: str, members: dict[str, bytes], keep_text: bool = False
         raise ShardFormatError(f"sample {key!r}: {type(e).__name__}: {e}") from None
     if kind not in KIND_CODES:
         raise ShardFormatError(f"sample {key!r}: unknown kind {kind!r}")
-    return Document(key=key, kind=kind, segments=segments, source=meta.get("source", {}))
+    return Document(key=key, kind=kind, segments=segments, source=meta.get("source", {}),
+                    no_loss=frozenset(no_loss))
 
 
 def write_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -103,6 +103,7 @@ def loader_spec(cfg: EmuConfig, sizes: ParallelSizes, validation: bool = False) 
                       lookahead=d.packing_lookahead, decode_images=sizes.first_stage,
                       max_consecutive_bad=d.max_consecutive_bad_samples,
                       regress_video_frames=cfg.model.regress_video_frames,
+                      regression=cfg.train.regression, vocab_size=cfg.model.lm.vocab_size,
                       ce_ignore_ids=tuple(vocab.token_id(t) for t in
                                           image_layout.ce_ignore_names(cfg.model.loss.ce_ignore_tokens)))
 
