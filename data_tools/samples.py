@@ -13,6 +13,8 @@ captions, written in every input format ``preprocess`` reads:
                                  (pans and zooms over the photos, ``samples_video.py``)
     OUT/webvid_tars/00000.tar    the same videos as video2dataset writes them (KEY.mp4, .txt, .json)
     OUT/jsonl_video/docs.jsonl + OUT/jsonl_video/videos/  interleaved JSONL with video items
+    OUT/chat/conversations.json, OUT/gen/gen.jsonl (+ their images and videos)
+                                 fine-tuning data (``samples_tuning.py``, docs/tuning.md)
 
 ``copies`` > 1 adds flipped/cropped variants of each photo (still real pixels) for volume.
 """
@@ -138,7 +140,8 @@ def write_samples(out: str | Path, copies: int = 1) -> dict:
     out = Path(out)
     items = photos(copies)
     (out).mkdir(parents=True, exist_ok=True)
-    corpus = [c for _, _, c in items] + STORY
+    from data_tools.samples_tuning import TEXTS, write_tuning
+    corpus = [c for _, _, c in items] + STORY + TEXTS
     import skimage.data
     for name in CAPTIONS:
         doc = getattr(getattr(skimage.data, name, None), "__doc__", None)
@@ -169,8 +172,10 @@ def write_samples(out: str | Path, copies: int = 1) -> dict:
                 segs.append({"text": text})
             f.write(json.dumps({"key": f"doc{i:05d}", "segments": segs}) + "\n")
     _write_parquets(out, items, docs)
-    from data_tools.samples_video import write_videos
-    return {"photos": len(items), "documents": len(docs), "videos": write_videos(out)}
+    from data_tools.samples_video import VIDEOS, write_videos
+    counts = {"photos": len(items), "documents": len(docs), "videos": write_videos(out)}
+    clips = [(f"{1000 + n}", caption) for n, (_, _, caption) in enumerate(VIDEOS)]
+    return {**counts, **write_tuning(out, items, clips)}
 
 
 def _write_parquets(out: Path, items, docs) -> None:

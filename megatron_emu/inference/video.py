@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_emu.contracts import image_layout
+from megatron_emu.contracts import chat_template, image_layout
 from megatron_emu.contracts import vocab
 
 _PLACEHOLDERS = re.compile(f"({re.escape(vocab.IMAGE)}|{re.escape(image_layout.VIDEO_PLACEHOLDER)})")
@@ -33,6 +33,24 @@ def prompt_ids(text: str, tokenizer, n_query: int, n_frames: int) -> tuple[list[
             order.append("video")
         elif part:
             ids += tokenizer.encode(part)
+    return ids, order
+
+
+def chat_prompt_ids(question: str, system: str, tokenizer, n_query: int, n_frames: int) -> tuple[list[int], list[str]]:
+    """``megatron-emu-generate --chat``: the question in the chat template (``<s>`` system message
+    ``[USER]: question [ASSISTANT]:``, ``contracts/chat_template.py``), its placeholders expanded
+    as by ``prompt_ids``, each text piece encoded on its own as preprocessing does."""
+    ids, order = [vocab.BOS_ID], []
+    for part in chat_template.generation_prompt(question, system):
+        if part.kind == "token":
+            ids.append(part.value)
+            continue
+        for piece in _PLACEHOLDERS.split(part.value):
+            if piece in (vocab.IMAGE, image_layout.VIDEO_PLACEHOLDER):
+                more, kinds = prompt_ids(piece, tokenizer, n_query, n_frames)
+                ids, order = ids + more[1:], order + kinds
+            elif piece.strip():
+                ids += tokenizer.encode("\n".join(" ".join(line.split()) for line in piece.strip().splitlines()))
     return ids, order
 
 

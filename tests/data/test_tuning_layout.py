@@ -1,0 +1,151 @@
+"""Fine-tuning data (docs/tuning.md): a LLaVA conversation and Emu2-Gen samples, preprocessed with
+a real chat tokenizer from real photos, give exactly the hand-written token ids; the answer-only
+cross-entropy mask and the last-image regression mask are exact; bad records are skipped."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_tools.preprocess import Options, run
+from data_tools.tokenizer import build
+from megatron_emu.contracts import chat_template
+from megatron_emu.data import shard_format as sf
+from megatron_emu.data.loader import EmuDataLoader, LoaderSpec
+from megatron_emu.data.sequence import build_sequence
+from megatron_emu.data.tokenizer import Emu2Tokenizer
+from tests.helpers.datasets import IMAGE_SIZE
+
+PAD, BOS, EOS, IMG, END, IMAGE, VIDEO = 32000, 1, 2, 32001, 32002, 32003, 32007
+USER, ASSISTANT = 32272, 32273
+GROUNDING, PHRASE, PHRASE_END, OBJECT, OBJECT_END = 32008, 32009, 32010, 32011, 32012
+
+
+@pytest.fixture(scope="module")
+def chat_tok(samples, tmp_path_factory):
+    out = tmp_path_factory.mktemp("chat_tok") / "tokenizer"
+    build(out, train_text=samples / "corpus.txt", vocab_size=800, chat=True)
+    return Emu2Tokenizer(out)
+
+
+def _documents(samples, tok, fmt: str, records: list, tmp_path, **kw) -> tuple[list, dict]:
+    src = tmp_path / f"input.{'json' if fmt == 'llava' else 'jsonl'}"
+    if fmt == "llava":
+        src.write_text(json.dumps(records))
+    else:
+        src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out"
+    summary = run(Options(format=fmt, inputs=[str(src)], images=str(samples / "chat"), tokenizer=str(tok.directory),
+                          out=str(out), image_size=IMAGE_SIZE, progress=False, **kw))
+    meta, index = sf.load_index(out)
+    docs = [sf.decode_document(str(i), sf.read_span(out / meta["shards"][int(r[0])], int(r[1]), int(r[2])))
+            for i, r in enumerate(index)]
+    return docs, summary
+
+
+def _expected(pieces: list[tuple[list[int], bool]], seq_length: int):
+    """Hand-written layout: (ids, trained) pieces -> (full ids padded to seq_length + 1, CE mask)."""
+    ids = [i for p, _ in pieces for i in p]
+    assert len(ids) <= seq_length + 1
+    trained = [t for p, t in pieces for _ in p]
+    full = ids + [PAD] * (seq_length + 1 - len(ids))
+    mask = [1.0 if t else 0.0 for t in trained[1:]] + [0.0] * (seq_length - len(ids) + 1)
+    return full, mask
+
+
+def test_a_conversation_has_the_exact_chat_layout_and_answer_only_targets(samples, chat_tok, tmp_path):
+    record = {"id": "c1", "image": "images/chelsea_0.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is shown in this picture?"}, {"from": "gpt", "value": "A cat."},
+        {"from": "human", "value": "Is it a photograph?"}, {"from": "gpt", "value": "Yes."}]}
+    (doc,), summary = _documents(samples, chat_tok, "llava", [record], tmp_path)
+    assert summary["chat"] == 1 and doc.kind == "chat"
+    e = chat_tok.encode
+    sys_msg = "You are a helpful assistant, dedicated to provide concise and efficient answers."
+    pieces = [([BOS], True), (e(sys_msg), False), ([USER], False), (e(":"), False), ([IMG, IMAGE, IMAGE, END], False),
+              (e("What is shown in this picture?"), False), ([ASSISTANT], False), (e(":"), False),
+              (e("A cat."), True), ([EOS], True), ([USER], False), (e(": Is it a photograph?"), False),
+              ([ASSISTANT], False), (e(":"), False), (e("Yes."), True), ([EOS], True)]
+    seq_length = 128
+    full, mask = _expected(pieces, seq_length)
+    seq = build_sequence([(doc, True)], seq_length, n_query=2, max_images=8, regression="none")
+    assert seq.tokens.tolist() == full[:-1] and seq.labels.tolist() == full[1:]
+    assert seq.loss_mask.tolist() == mask
+    assert sum(mask) == len(e("A cat.")) + len(e("Yes.")) + 2
+    assert not seq.reg_mask.any() and len(seq.images) == 1
+    # "all" would regress the user's image; the chat preset says none
+    assert build_sequence([(doc, True)], seq_length, 2, 8, regression="all").reg_mask.sum() == 2
+
+
+def test_system_message_choice_and_a_video_in_a_conversation(samples, chat_tok, tmp_path):
+    record = {"id": "v", "video": "videos/1000.mp4", "conversations": [
+        {"from": "human", "value": "What happens in this clip?"}, {"from": "gpt", "value": "A pan."}]}
+    (doc,), _ = _documents(samples, chat_tok, "llava", [record], tmp_path, system_message="detailed",
+                           video_frames=2)
+    seq = build_sequence([(doc, True)], 128, n_query=1, max_images=8, regression="none")
+    e = chat_tok.encode
+    frame = [IMG, 32004, END]
+    pieces = [([BOS], True), (e(chat_template.SYSTEM_MESSAGES["detailed"]), False), ([USER], False),
+              (e(":"), False), ([VIDEO, *frame, *frame], False), (e("What happens in this clip?"), False),
+              ([ASSISTANT], False), (e(":"), False), (e("A pan."), True), ([EOS], True)]
+    full, mask = _expected(pieces, 128)
+    assert seq.tokens.tolist() == full[:-1] and seq.loss_mask.tolist() == mask
+
+
+def test_gen_samples_have_the_exact_layout_and_regress_only_the_last_image(samples, chat_tok, tmp_path):
+    grounded = {"kind": "grounded", "key": "g", "image": "images/coffee_0.jpg", "segments": [
+        {"text": "A photo of"}, {"phrase": "a cup", "box": [0.25, 0.5, 0.75, 1.0], "object": "images/coffee_1.jpg"},
+        {"text": "on a table"}]}
+    edit = {"kind": "edit", "key": "e", "source": "images/rocket_0.jpg", "instruction": "Make it black and white.",
+            "target": "images/rocket_1.jpg"}
+    (g, ed), summary = _documents(samples, chat_tok, "gen", [grounded, edit], tmp_path)
+    assert (g.kind, ed.kind, summary["grounded"], summary["edit"]) == ("grounded", "edit", 1, 1)
+    e, block = chat_tok.encode, [IMG, IMAGE, IMAGE, END]
+    ids = [BOS, GROUNDING, *e("A photo of"), PHRASE, *e("a cup"), PHRASE_END, OBJECT, *block, OBJECT_END,
+           *block, *e("on a table"), *block, EOS]
+    seq = build_sequence([(g, True)], 48, n_query=2, max_images=8, regression="last_image")
+    assert seq.tokens.tolist()[:len(ids)] == ids and seq.loss_mask.sum() == len(ids) - 1
+    last = len(ids) - 1 - len(block)  # the whole photo's [IMG]
+    assert np.flatnonzero(seq.reg_mask).tolist() == [last, last + 1]  # [IMG] and the first <image>
+    assert build_sequence([(g, True)], 48, 2, 8, regression="all").reg_mask.sum() == 6
+    # the box image: white box (x 0.25-0.75, y 0.5-1.0 of the side) on black
+    box = np.asarray(Image.open(io.BytesIO(g.segments[6][1])).convert("L"), dtype=float)
+    assert box[:IMAGE_SIZE // 3].max() < 40 and box[-IMAGE_SIZE // 8:, IMAGE_SIZE // 3:-IMAGE_SIZE // 3].min() > 215
+    ids = [BOS, *block, *e("Make it black and white."), *block, EOS]
+    both = build_sequence([(ed, True), (g, True)], 64, n_query=2, max_images=8, regression="last_image")
+    assert both.tokens.tolist()[:len(ids)] == ids
+    target = len(ids) - 1 - len(block)
+    assert np.flatnonzero(both.reg_mask).tolist() == [target, target + 1, len(ids) + last, len(ids) + last + 1]
+
+
+def test_bad_tuning_records_are_skipped_and_counted(samples, chat_tok, tmp_path):
+    ok = {"id": "ok", "image": "images/moon_0.jpg",
+          "conversations": [{"from": "human", "value": "What is this?"}, {"from": "gpt", "value": "The moon."}]}
+    too_many = {"id": "x", "image": "images/moon_0.jpg", "conversations": [
+        {"from": "human", "value": "<image> <image> Two?"}, {"from": "gpt", "value": "No."}]}
+    missing = {"id": "m", "image": "images/nowhere.jpg",
+               "conversations": [{"from": "human", "value": "<image>?"}, {"from": "gpt", "value": "No."}]}
+    no_answer = {"id": "q", "conversations": [{"from": "human", "value": "Hello?"}]}
+    docs, summary = _documents(samples, chat_tok, "llava", [ok, too_many, missing, no_answer, 7], tmp_path)
+    assert [d.source["input_key"] for d in docs] == ["ok"]
+    assert IMAGE not in build_sequence([(docs[0], True)], 48, 1, 8).tokens.tolist()[:3]  # image before the question
+    assert summary["skipped"] == {"placeholder_mismatch": 1, "missing_image": 1, "malformed_json": 2}
+
+
+def test_sample_tuning_data_preprocesses_cleanly_and_needs_the_chat_vocabulary(samples, chat_tok, tmp_path):
+    out = tmp_path / "chat"
+    summary = run(Options(format="llava", inputs=[str(samples / "chat" / "conversations.json")],
+                          images=str(samples / "chat"), tokenizer=str(chat_tok.directory), out=str(out),
+                          image_size=IMAGE_SIZE, progress=False, video_frames=2))
+    assert summary["skipped"] == {} and summary["chat"] == summary["documents"] >= 40
+    gen = run(Options(format="gen", inputs=[str(samples / "gen" / "gen.jsonl")], images=str(samples / "gen"),
+                      tokenizer=str(chat_tok.directory), out=str(tmp_path / "gen"), image_size=IMAGE_SIZE,
+                      progress=False))
+    assert gen["skipped"] == {} and gen["grounded"] > 0 and gen["edit"] > 0
+    spec = LoaderSpec(paths=((1.0, str(out)),), seq_length=96, n_query=1, image_size=IMAGE_SIZE,
+                      micro_batch_size=2, num_workers=0, regression="none", vocab_size=32272)
+    with pytest.raises(ValueError, match="model.lm.vocab_size=32274"):
+        EmuDataLoader(spec)
