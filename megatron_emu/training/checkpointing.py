@@ -75,11 +75,26 @@ def _architecture(model_cfg: dict) -> dict:
     return out
 
 
-def check_model_matches(meta: dict, cfg, ckpt: Path) -> None:
+def _padded_rows(arch: dict) -> Optional[int]:
+    vocab, multiple = arch.get("model.lm.vocab_size"), arch.get("model.lm.make_vocab_size_divisible_by")
+    if not isinstance(vocab, int) or not isinstance(multiple, int) or multiple <= 0:
+        return None
+    return -(-vocab // multiple) * multiple
+
+
+def check_model_matches(meta: dict, cfg, ckpt: Path, weights_only: bool = False) -> None:
+    """Refuse a checkpoint of another architecture. ``weights_only`` (``checkpoint.load``, e.g.
+    Emu2 -> Emu2-Chat, docs/tuning.md) also accepts another ``model.adapter.n_query`` (the pooling
+    has no parameters) and a vocabulary grown within the same padded rows ([USER] / [ASSISTANT]
+    take two padding rows)."""
     saved = _architecture(meta["config"]["model"])
     now = _architecture(asdict(cfg.model))
+    same = {"model.adapter.n_query"} if weights_only else set()
+    if weights_only and _padded_rows(saved) == _padded_rows(now) is not None \
+            and saved["model.lm.vocab_size"] <= now["model.lm.vocab_size"]:
+        same.add("model.lm.vocab_size")
     diff = [f"{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}"
-            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in same]
     if diff:
         raise CheckpointError(f"{ckpt} holds a different model than the config:\n  " + "\n  ".join(diff))
 

@@ -171,7 +171,7 @@ class Trainer:
             found = self._agreed_checkpoint(ck.load)
             if found is None:
                 raise TrainingError(f"checkpoint.load: no checkpoint at {ck.load}")
-            ckpt.check_model_matches(ckpt.read_meta(found, ck.verify), self.cfg, found)
+            ckpt.check_model_matches(ckpt.read_meta(found, ck.verify), self.cfg, found, weights_only=True)
             ckpt.load_weights(found, self.model, self.optimizer, ck.verify)
             log.info("initialised weights from %s (optimizer, schedule and data start fresh)", found)
 

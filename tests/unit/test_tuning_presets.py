@@ -56,3 +56,23 @@ def test_gen_preset_follows_the_paper():
     assert off.model.loss.lm_weight == 0.0 and off.train.regression == "all"
     with pytest.raises(ConfigError, match="train.regression"):
         load_config(GEN, ["train.regression=first_image"])
+
+
+def test_chat_initialises_from_an_emu2_checkpoint_but_resumes_only_its_own(tmp_path):
+    """checkpoint.load of a stage-2 (Emu2) checkpoint into the Chat preset: n_query 64 -> 256 (no
+    parameters) and vocabulary 32272 -> 32274 (the same 32384 padded rows) are accepted; a resume
+    (all fields must match) and a vocabulary past the padding are refused."""
+    from dataclasses import asdict
+
+    from megatron_emu.training.checkpointing import CheckpointError, check_model_matches
+
+    emu2 = {"config": {"model": asdict(load_config(STAGE2).model)}}
+    chat = load_config(CHAT)
+    check_model_matches(emu2, chat, tmp_path, weights_only=True)
+    with pytest.raises(CheckpointError, match="model.adapter.n_query: checkpoint 64, config 256"):
+        check_model_matches(emu2, chat, tmp_path)
+    with pytest.raises(CheckpointError, match="model.lm.vocab_size: checkpoint 32272, config 32400"):
+        check_model_matches(emu2, load_config(CHAT, ["model.lm.vocab_size=32400"]), tmp_path, weights_only=True)
+    back = {"config": {"model": asdict(chat.model)}}  # 32274 -> 32272 would drop [USER] / [ASSISTANT]
+    with pytest.raises(CheckpointError, match="model.lm.vocab_size"):
+        check_model_matches(back, load_config(STAGE2), tmp_path, weights_only=True)
