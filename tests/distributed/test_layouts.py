@@ -23,11 +23,21 @@ LOSS_TOL = 1e-5  # absolute, on losses of ~10
 GRAD_TOL = 1e-5  # relative to the largest reference gradient of the tensor
 
 
-def _setup(tmp_path_factory, model_extra=(), video_frames=0, regress_video=False):
+def _host_masks(mb) -> tuple:
+    """The data layer's (CE, regression) positions of a micro-batch, as the reference takes them."""
+    b, s = mb.tokens.shape
+    reg = torch.zeros(s, b, dtype=torch.bool)
+    reg.view(-1)[mb.reg_rows] = True  # row t * b + i
+    assert not mb.ce_mask[:, -1].any() and not reg[-1].any()
+    return mb.ce_mask[:, :-1] > 0, reg.t()[:, :-1]
+
+
+def _setup(tmp_path_factory, model_extra=(), video_frames=0, regress_video=False, tuning=None):
     cfg = tiny.tiny_config(extra=model_extra)
     rc = tiny.ref_config(cfg)
     hf = reference.init_params(rc, seed=0)
-    microbatches = tiny.make_microbatches(cfg, seed=1, video_frames=video_frames, regress_video=regress_video)
+    microbatches = tiny.make_microbatches(cfg, seed=1, video_frames=video_frames, regress_video=regress_video) \
+        if tuning is None else tiny.make_tuning_microbatches(cfg, tuning, seed=1)
     params = {k: v.clone().requires_grad_(True) for k, v in hf.items()}
     ref_losses, total = [], 0.0
     # Video (emu2_spec.md §1.7): frames fill the [gIMG] slots (32004); [gIMG] and [VIDEO] (32007)
@@ -36,8 +46,9 @@ def _setup(tmp_path_factory, model_extra=(), video_frames=0, regress_video=False
              "ce_ignore_ids": (*reference.CE_IGNORE_IDS, 32004, 32007)} if video_frames else \
         {"ce_ignore_ids": reference.CE_IGNORE_IDS}
     for mb in microbatches:
+        masks = None if tuning is None else _host_masks(mb)
         out = reference.emu2_loss(params, rc, mb.tokens, mb.images, image_token_id=reference.IMAGE_ID,
-                                  lm_weight=1.0, reg_weight=1.0, **video)
+                                  lm_weight=1.0, reg_weight=1.0, masks=masks, **video)
         ref_losses.append({k: float(v.detach()) for k, v in out.items()})
         total = total + out["loss"] / len(microbatches)
     total.backward()
@@ -57,6 +68,13 @@ def setup(tmp_path_factory):
 def setup_video(request, tmp_path_factory):
     """Every micro-batch's first sample starts with a 2-frame video, beside images."""
     return _setup(tmp_path_factory, video_frames=2, regress_video=request.param)
+
+
+@pytest.fixture(scope="module", params=["none", "last_image"], ids=["chat_no_regression", "gen_last_image"])
+def setup_tuning(request, tmp_path_factory):
+    """Chat conversations (answers only; [USER] / [ASSISTANT], vocabulary 32274) packed with
+    editing samples, regressing nothing (Emu2-Chat) or each sample's last image (Emu2-Gen)."""
+    return _setup(tmp_path_factory, ("model.lm.vocab_size=32274", "model.model_version=chat"), tuning=request.param)
 
 
 # Grouped-query attention: 4 query heads share 2 key/value heads (1 per rank at TP2).
@@ -142,6 +160,21 @@ def test_video_layout_matches_reference(setup_video, name):
     through the pipeline, give the reference's losses and gradients on every layout."""
     assert any((mb.tokens == 32007).any() for mb in setup_video["mbs"])
     assert not _compare(setup_video, name)
+
+
+@pytest.mark.parametrize("name", ["tp1pp1dp1", "tp2pp2dp1_sp"])
+def test_tuning_layout_matches_reference(setup_tuning, name):
+    """Answer-only cross-entropy and last-image (or no) regression, built on the host, give the
+    reference's losses and gradients on every layout."""
+    mbs = setup_tuning["mbs"]
+    assert all(((mb.tokens == 32272).any() and (mb.tokens == 32273).any()) for mb in mbs)
+    images = sum(int((mb.tokens == 32001).sum()) for mb in mbs)
+    n_query = setup_tuning["cfg"].model.adapter.n_query
+    regressed = sum(mb.reg_rows.numel() for mb in mbs)
+    # last_image: each conversation's image and each edit's target, not the edit's source
+    assert regressed == (0 if setup_tuning["ref_losses"][0]["reg_loss"] == 0 else images // 3 * 2 * n_query)
+    assert sum(float(mb.ce_mask.sum()) for mb in mbs) < sum(float((mb.tokens != 32000).sum()) for mb in mbs) / 2
+    assert not _compare(setup_tuning, name)
 
 
 # One clipped update. clip_grad 0.1 is far below the tiny model's gradient norm (~5.8), so every

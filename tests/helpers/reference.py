@@ -222,15 +222,18 @@ def loss_masks(tokens: Tensor, image_token_id: int, ce_ignore_ids: list[int],
 
 def emu2_loss(p: dict[str, Tensor], cfg: RefConfig, tokens: Tensor, images: Tensor | None, *,
               image_token_id: int, ce_ignore_ids: list[int], lm_weight: float,
-              reg_weight: float, slot_ids: tuple = (), reg_ids: tuple = ()) -> dict[str, Tensor]:
+              reg_weight: float, slot_ids: tuple = (), reg_ids: tuple = (),
+              masks: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
     """{"loss", "lm_loss", "reg_loss"} (fp32 scalars).
 
     lm_loss: mean next-token CE over unmasked positions. reg_loss: mean squared error over all
     regression positions x vision_width dims between project_down(h[:, t]) and the detached visual
     feature placed at position t+1. Empty sets give 0.0 (still attached to the graph).
+    ``masks``: (CE positions, regression positions), both [b, s-1] bool, given by the data layer
+    (fine-tuning: answers only, the last image only) instead of derived from the tokens.
     """
     logits, h, vis = forward(p, cfg, tokens, images, image_token_id, slot_ids)
-    ce_mask, reg_mask = loss_masks(tokens, image_token_id, ce_ignore_ids, reg_ids)
+    ce_mask, reg_mask = loss_masks(tokens, image_token_id, ce_ignore_ids, reg_ids) if masks is None else masks
     ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, cfg.vocab_size), tokens[:, 1:].reshape(-1),
                          reduction="none")
     lm_loss = (ce * ce_mask.reshape(-1)).sum() / ce_mask.sum().clamp(min=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from megatron_emu.config.io import load_config
@@ -84,4 +85,40 @@ def make_microbatches(cfg: EmuConfig, seed: int = 0, video_frames: int = 0,
         out.append(make_batch(tokens, labels, loss_mask, images, image_id=st.IMAGE_ID,
                               ce_ignore_ids=[st.token_id(t) for t in ignore], video_id=st.GIMG_ID,
                               regress_video=regress_video))
+    return out
+
+
+def make_tuning_microbatches(cfg: EmuConfig, regression: str, seed: int = 0) -> list[Emu2Batch]:
+    """Fine-tuning micro-batches assembled by the data layer (``build_sequence``): every sample
+    packs a conversation (system text, [USER]: an image and a question, [ASSISTANT]: an answer,
+    a second turn; only answers trained) and an editing sample (source image, instruction,
+    target image), with ``regression`` (``train.regression``) choosing the regressed images."""
+    from megatron_emu.data.sequence import build_sequence
+    from megatron_emu.data.shard_format import Document
+
+    g = torch.Generator().manual_seed(seed)
+
+    def text(n: int) -> tuple[str, list]:
+        return ("text", torch.randint(3, 1000, (n,), generator=g).tolist())
+
+    v, nq = cfg.model.vision, cfg.model.adapter.n_query
+    out = []
+    for m in range(cfg.train.global_batch_size // cfg.train.micro_batch_size):
+        seqs = []
+        for i in range(cfg.train.micro_batch_size):
+            chat = Document("chat", "chat", [text(3), ("special", st.USER_ID), text(1), ("image", b"q"), text(2 + i),
+                                             ("special", st.ASSISTANT_ID), text(1), text(3 + m % 3),
+                                             ("special", st.EOS_ID), ("special", st.USER_ID), text(2),
+                                             ("special", st.ASSISTANT_ID), text(1), text(2)],
+                            no_loss=frozenset({0, 1, 2, 3, 4, 5, 6, 9, 10, 11, 12}))
+            edit = Document("edit", "edit", [("image", b"src"), text(2 + m % 2), ("image", b"tgt")])
+            seqs.append(build_sequence([(chat, True), (edit, True)], cfg.train.seq_length, nq,
+                                       cfg.data.max_images_per_sequence, regression))
+        assert all(s.loss_mask[-1] == 0 and len(s.images) == 3 for s in seqs), "the tiny sequence is too short"
+        images = torch.randn(sum(len(s.images) for s in seqs), 3, v.image_size, v.image_size, generator=g)
+        ignore = image_layout.ce_ignore_names(cfg.model.loss.ce_ignore_tokens)
+        out.append(make_batch(*(torch.from_numpy(np.stack([getattr(s, k) for s in seqs]))
+                                for k in ("tokens", "labels", "loss_mask")), images, image_id=st.IMAGE_ID,
+                              ce_ignore_ids=[st.token_id(t) for t in ignore], video_id=st.GIMG_ID,
+                              reg_mask=np.stack([s.reg_mask for s in seqs])))
     return out
