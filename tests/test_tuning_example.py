@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from megatron_emu.contracts import chat_template
@@ -41,3 +42,16 @@ def test_tuning_example_trains_gen_then_chat_and_answers_in_the_template(tmp_pat
     assert answer["prompt_ids"] == [BOS, *e(chat_template.SYSTEM_MESSAGES["short"]), USER, *e(":"),
                                     IMG, *[IMAGE] * 4, END, *e("What is shown in this picture?"), ASSISTANT, *e(":")]
     assert 0 < len(answer["output_ids"]) <= 8 and answer["text"] == tok.decode(answer["output_ids"])
+
+    # a video in the chat template, laid out as in the conversations; a non-chat model is refused
+    gen_ckpt, chat_ckpt = work / "gen" / "checkpoints", work / "chat" / "checkpoints"
+    video = work / "raw" / "chat" / "videos" / "1000.mp4"
+    run = [sys.executable, "-m", "megatron_emu.cli.generate", "--chat", "--prompt", "<video>\nWhat happens in this clip?",
+           "--video", str(video), "--system-message", "none", "--max-new-tokens", "2", "--greedy", "--json", "--ckpt"]
+    ok = subprocess.run([*run, str(chat_ckpt)], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    frame = [IMG, *[32004] * 4, END]
+    assert json.loads(ok.stdout.splitlines()[-1])["prompt_ids"] == [
+        BOS, USER, *e(":"), 32007, *frame, *frame, *e("What happens in this clip?"), ASSISTANT, *e(":")]
+    refused = subprocess.run([*run, str(gen_ckpt)], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--chat needs a chat model and tokenizer" in refused.stderr
