@@ -6,7 +6,8 @@ decodes (later pipeline stages never decode pixels):
 1. Before packing, on every rank (a pure function of the shard bytes, so the same plan position
    gives the same sequence on every rank, under every layout and after a resume): the
    document's byte span reads (a truncated shard fails here), its JSON parses, its text ids are
-   plain text ids (no special id, no ``<s>``/``</s>``), and every image is a JPEG whose header
+   plain text ids (no special id, no ``<s>``/``</s>``), its special segments are the chat
+   template's or grounding tokens (never an image-block token), and every image is a JPEG whose header
    parses and that ends with the end-of-image marker. A document that fails is dropped from its
    sequence; the rest of the sequence is packed as planned.
 2. Decoding pixels, only where they are needed: an image that passed 1 but still does not

@@ -149,3 +149,15 @@ def test_sample_tuning_data_preprocesses_cleanly_and_needs_the_chat_vocabulary(s
                       micro_batch_size=2, num_workers=0, regression="none", vocab_size=32272)
     with pytest.raises(ValueError, match="model.lm.vocab_size=32274"):
         EmuDataLoader(spec)
+
+
+def test_a_special_segment_that_is_not_a_template_token_makes_the_document_bad():
+    from megatron_emu.data.bad_samples import check_document
+    from megatron_emu.data.shard_format import Document
+
+    good = Document("c", "chat", [("special", USER), ("text", [5]), ("special", ASSISTANT), ("text", [6]),
+                                  ("special", EOS), ("special", GROUNDING)], no_loss=frozenset({0, 1, 2}))
+    assert check_document(good) is None
+    for bad in (IMAGE, IMG, BOS, PAD, VIDEO, 32274, -1):
+        doc = Document("c", "chat", [("special", bad), ("text", [5])])
+        assert "not a template or grounding token" in check_document(doc)
