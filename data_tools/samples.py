@@ -140,8 +140,8 @@ def write_samples(out: str | Path, copies: int = 1) -> dict:
     out = Path(out)
     items = photos(copies)
     (out).mkdir(parents=True, exist_ok=True)
-    from data_tools.samples_tuning import TEXTS, write_tuning
-    corpus = [c for _, _, c in items] + STORY + TEXTS
+    from data_tools.samples_tuning import write_tuning
+    corpus = [c for _, _, c in items] + STORY
     import skimage.data
     for name in CAPTIONS:
         doc = getattr(getattr(skimage.data, name, None), "__doc__", None)

@@ -19,8 +19,6 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from megatron_emu.contracts import chat_template
-
 QUESTIONS = ["What is shown in this picture?", "Describe the image in one sentence.",
              "What do you see here?"]
 FOLLOW_UP = ("Is it a photograph?", "Yes, it is a real photograph.")
@@ -30,9 +28,6 @@ TWO_IMAGES = "What do these two pictures show?"
 EDITS = [("Flip the picture from left to right.", ImageOps.mirror),
          ("Make the picture black and white.", lambda im: ImageOps.grayscale(im).convert("RGB")),
          ("Turn the picture upside down.", ImageOps.flip)]
-# Text for the sample tokenizer's corpus.
-TEXTS = [*QUESTIONS, *FOLLOW_UP, VIDEO_QUESTION, TWO_IMAGES, *(e for e, _ in EDITS),
-         *chat_template.SYSTEM_MESSAGES.values(), "A photo of", "in the middle of the picture"]
 
 
 def _jpeg(im: Image.Image) -> bytes:
