@@ -119,7 +119,7 @@ def conversation(record: dict, key: str, base: Path, system: str) -> RawDoc:
         if part.kind == "token":
             _add(raw, ("special", part.value), part.loss)
             continue
-        for piece in _PLACEHOLDERS.split(part.value):
+        for piece in _PLACEHOLDERS.split(part.value) if not part.loss else [part.value]:  # answers: text only
             if piece == vocab.IMAGE:
                 _add(raw, ("image", records.STORE.ref(next(refs["image"]), base)), part.loss)
             elif piece == image_layout.VIDEO_PLACEHOLDER:

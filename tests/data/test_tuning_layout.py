@@ -129,8 +129,11 @@ def test_bad_tuning_records_are_skipped_and_counted(samples, chat_tok, tmp_path)
     missing = {"id": "m", "image": "images/nowhere.jpg",
                "conversations": [{"from": "human", "value": "<image>?"}, {"from": "gpt", "value": "No."}]}
     no_answer = {"id": "q", "conversations": [{"from": "human", "value": "Hello?"}]}
-    docs, summary = _documents(samples, chat_tok, "llava", [ok, too_many, missing, no_answer, 7], tmp_path)
-    assert [d.source["input_key"] for d in docs] == ["ok"]
+    literal = {"id": "lit", "conversations": [{"from": "human", "value": "Write a tag."},
+                                              {"from": "gpt", "value": "Here: <image>"}]}  # an answer is text
+    docs, summary = _documents(samples, chat_tok, "llava", [ok, too_many, missing, no_answer, 7, literal], tmp_path)
+    assert [d.source["input_key"] for d in docs] == ["ok", "lit"]
+    assert docs[1].n_images == 0 and docs[1].segments[-1][1] == chat_tok.encode("Here: <image>")
     assert IMAGE not in build_sequence([(docs[0], True)], 48, 1, 8).tokens.tolist()[:3]  # image before the question
     assert summary["skipped"] == {"placeholder_mismatch": 1, "missing_image": 1, "malformed_json": 2}
 
