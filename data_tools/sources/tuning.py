@@ -28,6 +28,7 @@ the one generated (``train.regression: last_image``).
 from __future__ import annotations
 
 import io
+import os
 import re
 from pathlib import Path
 from typing import Iterator
@@ -79,10 +80,22 @@ class _Mismatch(Exception):
     """Placeholders and files of a record disagree."""
 
 
+_LOADED: dict = {}  # the last file read, by (path, size, mtime): plan() reads it once, forked workers share it
+
+
 def _load_records(path: str) -> list:
     """The records of a ``.json`` list or ``.jsonl`` file; ``ValueError`` naming the file."""
-    text = Path(path).read_text(encoding="utf-8")
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = _parse(path)
+    return _LOADED[key]
+
+
+def _parse(path: str) -> list:
     try:
+        text = Path(path).read_text(encoding="utf-8")
         if path.endswith(".jsonl"):
             return [_line(line) for line in text.splitlines() if line.strip()]
         data = loads(text)

@@ -164,3 +164,17 @@ def test_a_special_segment_that_is_not_a_template_token_makes_the_document_bad()
     for bad in (IMAGE, IMG, BOS, PAD, VIDEO, 32274, -1):
         doc = Document("c", "chat", [("special", bad), ("text", [5])])
         assert "not a template or grounding token" in check_document(doc)
+
+
+def test_llava_input_files_jsonl_and_refusals(samples, chat_tok, tmp_path):
+    record = {"id": "j", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}
+    lines = tmp_path / "c.jsonl"
+    lines.write_text(json.dumps(record) + "\n{not json\n")
+    opts = dict(format="llava", tokenizer=str(chat_tok.directory), image_size=IMAGE_SIZE, progress=False)
+    summary = run(Options(inputs=[str(lines)], out=str(tmp_path / "a"), **opts))
+    assert summary["chat"] == 1 and summary["skipped"] == {"malformed_json": 1}
+    for name, text, what in (("obj.json", json.dumps(record), "a llava file holds a JSON list of records"),
+                             ("bad.json", "[{", "not valid JSON")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"--input {tmp_path / name}: {what}"):
+            run(Options(inputs=[str(tmp_path / name)], out=str(tmp_path / name.split(".")[0]), **opts))
