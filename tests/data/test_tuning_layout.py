@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -152,6 +153,17 @@ def test_sample_tuning_data_preprocesses_cleanly_and_needs_the_chat_vocabulary(s
                       micro_batch_size=2, num_workers=0, regression="none", vocab_size=32272)
     with pytest.raises(ValueError, match="model.lm.vocab_size=32274"):
         EmuDataLoader(spec)
+    # through the loader: conversations train answers only and regress nothing; Gen samples
+    # regress one image each (n_query 1: the [IMG] before each document's last <image>)
+    chat = next(EmuDataLoader(replace(spec, vocab_size=32274))).to_batch([PAD, IMG, END, IMAGE])
+    trained = chat.labels[chat.ce_mask > 0]
+    assert chat.reg_rows.numel() == 0 and (trained == EOS).any()
+    assert not np.isin(trained.numpy(), [USER, ASSISTANT, IMAGE, IMG, END, PAD, VIDEO]).any()
+    assert float(chat.ce_mask.sum()) < 0.5 * float((chat.tokens != PAD).sum())
+    loader = EmuDataLoader(replace(spec, paths=((1.0, str(tmp_path / "gen")),), regression="last_image"))
+    gen_batch = next(loader).to_batch([PAD, IMG, END, IMAGE])
+    documents = int((gen_batch.tokens == BOS).sum())
+    assert 0 < gen_batch.reg_rows.numel() <= documents < int((gen_batch.tokens == IMAGE).sum())
 
 
 def test_a_special_segment_that_is_not_a_template_token_makes_the_document_bad():
