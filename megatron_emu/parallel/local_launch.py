@@ -10,7 +10,7 @@ import traceback
 from typing import Any, Callable
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -48,7 +48,7 @@ def run_local(world: int, fn: Callable, *args: Any, cpu_only: bool = False) -> l
     # once, and every rank inherits it (each rank checks again after hiding a GPU).
     setup_process(cpu=True if cpu_only else None)
     ctx = mp.get_context("fork")
-    queue, port = ctx.SimpleQueue(), _free_port()
+    queue, port = ctx.SimpleQueue(), free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, args, queue, cpu_only))
              for r in range(world)]
     for p in procs:
