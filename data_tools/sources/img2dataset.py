@@ -42,7 +42,7 @@ def plan(inputs: list[str], opts) -> list[Unit]:
     return units
 
 
-def _caption(group, handle, field: str | None) -> str:
+def caption_text(group, handle, field: str | None) -> str:
     if field is None and "txt" in group.members:
         return group.read("txt", handle).decode("utf-8", errors="replace")
     if "json" in group.members:
@@ -62,7 +62,7 @@ def read(unit: Unit, opts) -> Iterator:
                 yield Skip("missing_image", key)
                 continue
             try:
-                caption = _caption(group, handle, opts.caption_field).strip()
+                caption = caption_text(group, handle, opts.caption_field).strip()
             except RECORD_ERRORS as e:
                 yield Skip("malformed_json", key, f"{type(e).__name__}: {e}")
                 continue

@@ -24,7 +24,7 @@ from typing import Iterator
 
 from data_tools.sources import RECORD_ERRORS, RawDoc, Skip, Unit, iter_chunks, unit_records
 from data_tools.sources import records
-from data_tools.sources.img2dataset import _caption, expand_inputs
+from data_tools.sources.img2dataset import caption_text, expand_inputs
 from data_tools.sources.tars import TarScan, count_groups
 from data_tools.video import VIDEO_EXTS
 
@@ -119,7 +119,7 @@ def _read_tar(unit: Unit, opts) -> Iterator:
                 yield Skip("missing_video", key)
                 continue
             try:
-                caption = _caption(group, handle, opts.caption_field).strip()
+                caption = caption_text(group, handle, opts.caption_field).strip()
             except RECORD_ERRORS as e:
                 yield Skip("malformed_json", key, f"{type(e).__name__}: {e}")
                 continue

@@ -30,11 +30,12 @@ from typing import Optional
 
 import torch
 
-from megatron_emu.checkpoint import hf_config, integrity, native_layout, paths, stream_writer, tokenizer_files
+from megatron_emu.checkpoint import hf_config, integrity, native_layout, stream_writer, tokenizer_files
 from megatron_emu.checkpoint.hf_mapping import HF_LM, HF_LM_HEAD, Dims, to_hf
 from megatron_emu.checkpoint.hf_reader import HFReader
 from megatron_emu.checkpoint.reader import CheckpointReader
 from megatron_emu.checkpoint.safetensors_io import ShardWriter, plan_shards, shard_names, write_index
+from megatron_emu.contracts import checkpoint_format as fmt
 
 log = logging.getLogger("megatron_emu.convert")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -73,11 +74,11 @@ def _publish(tmp: Path, out: Path) -> None:
 def resolve_checkpoint(ckpt: str | Path, iteration: Optional[int] = None) -> Path:
     ckpt = Path(ckpt)
     if iteration is not None:
-        path = ckpt / paths.iter_name(iteration)
-        if not (path / paths.META_FILE).is_file():
+        path = ckpt / fmt.iter_name(iteration)
+        if not fmt.is_complete(path):
             raise ConversionError(f"--iteration {iteration}: {path} is not a complete checkpoint")
         return path
-    path = paths.resolve(ckpt)
+    path = fmt.resolve(ckpt)
     if path is None:
         raise ConversionError(f"--ckpt {ckpt}: no checkpoint (no megatron_emu.json, no `latest`)")
     return path
@@ -245,7 +246,7 @@ def hf_to_mcore(out: str | Path, *, hf: Optional[str] = None, llama: Optional[st
         (tmp / "parts").rmdir()
         meta = {"iteration": 0, "kind": "weights", "layout": {"tp": tp, "pp": pp, "vpp": None, "dp": 1},
                 "config": asdict(cfg)}
-        (tmp / paths.META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        (tmp / fmt.META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         if tokenizer_files.is_tokenizer_dir(tok):
             tokenizer_files.bundle(tok, tmp)
         integrity.build(tmp)

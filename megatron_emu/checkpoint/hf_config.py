@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from megatron_emu.config.schema import EmuConfig
-from megatron_emu.data import special_tokens as st
+from megatron_emu.contracts import vocab as st
 
 TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 

@@ -26,8 +26,9 @@ from typing import Optional
 import torch
 
 from megatron_emu.checkpoint.dcp_item import map_range
-from megatron_emu.checkpoint.safe_pickle import CheckpointFileError, torch_load
-from megatron_emu.checkpoint.safetensors_io import _ST_DTYPES, SafetensorsError, read_header
+from megatron_emu.checkpoint.safe_pickle import torch_load
+from megatron_emu.checkpoint.safetensors_io import ST_DTYPES, SafetensorsError, read_header
+from megatron_emu.contracts.checkpoint_format import CheckpointFileError
 
 # Tried in this order in a directory; otherwise its single *.index.json / *.safetensors / *.bin.
 KNOWN = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
@@ -80,20 +81,20 @@ class _SafetensorsFile:
         if name not in self.header:
             raise SafetensorsError(f"{self.path}: the index lists {name!r} but the file does not hold it")
         entry = self.header[name]
-        if entry["dtype"] not in _ST_DTYPES:
+        if entry["dtype"] not in ST_DTYPES:
             raise SafetensorsError(f"{self.path}: {name!r} has dtype {entry['dtype']}, which this converter "
-                                   f"does not read ({', '.join(sorted(_ST_DTYPES))})")
+                                   f"does not read ({', '.join(sorted(ST_DTYPES))})")
         return entry
 
     def meta(self, name: str) -> torch.Tensor:
         e = self._entry(name)
-        return torch.empty(tuple(e["shape"]), dtype=_ST_DTYPES[e["dtype"]], device="meta")
+        return torch.empty(tuple(e["shape"]), dtype=ST_DTYPES[e["dtype"]], device="meta")
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor, memory-mapped copy-on-write: its own pages only, released with it."""
         e = self._entry(name)
         begin, end = e["data_offsets"]  # validated by read_header (inside the file)
-        shape, dtype = tuple(e["shape"]), _ST_DTYPES[e["dtype"]]
+        shape, dtype = tuple(e["shape"]), ST_DTYPES[e["dtype"]]
         if end == begin:
             return torch.empty(shape, dtype=dtype)
         with open(self.path, "rb") as f:

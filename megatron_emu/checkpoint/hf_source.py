@@ -15,10 +15,9 @@ import re
 import torch
 
 from megatron_emu.checkpoint import native_layout
-from megatron_emu.checkpoint.hf_mapping import HF_LM, HF_LM_HEAD, Dims, from_hf
+from megatron_emu.checkpoint.hf_mapping import HF_LM, IGNORED_HF_SUFFIX, VOCAB, Dims, find_hf, from_hf
 from megatron_emu.checkpoint.hf_reader import HFReader
 
-VOCAB_NAMES = ("embedding.word_embeddings.weight", "heads.output_layer.weight")
 _HF_GROUP = re.compile(r"^(model\.visual\.blocks\.\d+\.|model\.decoder\.lm\.model\.layers\.\d+\.)")
 _OUR_GROUP = re.compile(r"^(vision\.blocks\.layers\.\d+\.|decoder\.layers\.\d+\.)")
 _LLAMA_RENAMES = {"model.": HF_LM, "lm_head.": "model.decoder.lm.lm_head."}
@@ -52,7 +51,7 @@ class CanonicalSource:
                 if new in self.where:
                     raise SourceError(f"{reader.source}: {self.where[new][1]!r} and {name!r} are the same "
                                       f"tensor in two layouts; keep one")
-                if not new.endswith("rotary_emb.inv_freq"):
+                if not new.endswith(IGNORED_HF_SUFFIX):
                     self.where[new] = (src, name)
         if "vision" in self.readers and not any(n.startswith("model.visual.") for n in self.where):
             raise SourceError("--vision has no visual.* / model.visual.* tensors")
@@ -99,8 +98,9 @@ class CanonicalSource:
                 if tuple(t.shape) != tuple(needed[n]):
                     raise SourceError(f"{n}: input shape {tuple(t.shape)} but the model needs {tuple(needed[n])}")
             for n, t in metas.items():
-                if n in (HF_LM + "embed_tokens.weight", HF_LM_HEAD):
-                    self.vocab_rows[VOCAB_NAMES[0] if "embed_tokens" in n else VOCAB_NAMES[1]] = t.shape[0]
+                hit = find_hf(n)
+                if hit is not None and hit[0].rule is VOCAB:  # a padded vocabulary: rows given
+                    self.vocab_rows[hit[0].ours] = t.shape[0]
             self.given |= set(canon)
             entries.append(([group], sorted(canon), sum(t.numel() for t in canon.values())))
         fresh = [n for n in needed if n not in self.given]

@@ -35,7 +35,7 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Iterable, Optional
 
-from megatron_emu.checkpoint.safe_pickle import CheckpointFileError
+from megatron_emu.contracts.checkpoint_format import MANIFEST, CheckpointFileError
 
 try:  # ISA-L's CRC-32: the same checksum as zlib.crc32, about 6x faster (SIMD)
     from isal.isal_zlib import crc32
@@ -43,7 +43,6 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the s
     from zlib import crc32
 
 log = logging.getLogger("megatron_emu.checkpoint")
-MANIFEST = "checksums.json"
 FORMAT = "megatron_emu.checksums/1"
 _CHUNK = 16 << 20
 

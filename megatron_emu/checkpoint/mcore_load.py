@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_emu.checkpoint import safe_pickle
 from megatron_emu.checkpoint.dcp_reader import SafeFileSystemReader
 from megatron_emu.checkpoint.integrity import Manifest
-from megatron_emu.checkpoint.safe_pickle import CheckpointFileError
+from megatron_emu.contracts.checkpoint_format import CheckpointFileError
 
 CONFIG_FILE = "metadata.json"  # megatron-core's backend description (JSON)
 

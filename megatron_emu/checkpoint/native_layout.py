@@ -14,13 +14,15 @@ transformers 4.31's persistent RoPE buffers ``...self_attn.rotary_emb.inv_freq``
 
 Import (``hf_name``) accepts either layout and the older names BAAI's loader renames
 (``decoder.lm.stu_regress_head`` -> ``project_down``, ``vl_adapter.projection`` -> ``project_up``),
-and top-level ``project_*`` without a prefix; separate q/v biases are fused by
-``hf_mapping.from_hf``.
+and top-level ``project_*`` without a prefix. The separate q/v biases are the ViT bias's
+``variant`` in ``hf_mapping.REGISTRY``, which splits them here and fuses them in ``from_hf``.
 """
 
 from __future__ import annotations
 
 import torch
+
+from megatron_emu.checkpoint import hf_mapping
 
 _NATIVE_HEADS = {"project_up.weight": "decoder.lm.project_up.weight",
                  "project_down.weight": "decoder.lm.project_down.weight"}
@@ -45,11 +47,14 @@ def to_native(hf: dict[str, torch.Tensor], head_dim: int, theta: float) -> dict[
         if name in _NATIVE_HEADS:
             out[_NATIVE_HEADS[name]] = t
             continue
-        name = name[len("model."):] if name.startswith("model.") else name
-        if name.endswith(".attn.qkv.bias"):
-            base, w = name[: -len("qkv.bias")], t.shape[0] // 3
-            out[base + "q_bias"], out[base + "v_bias"] = t[:w], t[2 * w:]
+        hit = hf_mapping.find_hf(name)
+        if hit is not None and hit[0].variant is not None:  # BAAI keeps this tensor in its variant form
+            names, rule = hit[0].variant
+            pairs = zip((n.replace("{i}", hit[1]) for n in names), rule.split(t, None))
         else:
+            pairs = [(name, t)]
+        for name, t in pairs:
+            name = name[len("model."):] if name.startswith("model.") else name
             out[name] = t
             if name.endswith(".self_attn.q_proj.weight"):
                 out[name[: -len("q_proj.weight")] + "rotary_emb.inv_freq"] = inv_freq(head_dim, theta, t.device)

@@ -23,7 +23,7 @@ from megatron_emu.checkpoint import dcp_item
 
 # Checkpoint key suffixes (TE-style names megatron-core writes for the local spec too) ->
 # our module's parameter names.
-_RENAMES = {
+RENAMES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
@@ -86,7 +86,7 @@ class CheckpointReader:
             return key
         prefix = next(p for p in STACKED if key.startswith(p))
         rest = key[len(prefix):]
-        return f"{prefix}{layer}.{_RENAMES.get(rest, rest)}"
+        return f"{prefix}{layer}.{RENAMES.get(rest, rest)}"
 
     def entries(self) -> Iterator[tuple[str, str, Optional[int]]]:
         """``(canonical name, key, layer)`` for every model tensor: stacked keys layer by layer

@@ -26,6 +26,8 @@ import pickle
 from pathlib import Path
 from typing import Any, BinaryIO, Union
 
+from megatron_emu.contracts.checkpoint_format import CheckpointFileError
+
 _DCP = "torch.distributed.checkpoint"
 _MCORE_TORCH = "megatron.core.dist_checkpointing.strategies.torch"
 
@@ -40,11 +42,6 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset(
     # empty classes megatron-core defines only so that older checkpoints' metadata unpickles
     + [(_MCORE_TORCH, "MCoreMetadata"), (_MCORE_TORCH, "MCoreSavePlan")]
 )
-
-
-class CheckpointFileError(ValueError):
-    """A checkpoint file that is refused (crafted, corrupt or failing its checksum); the one-line
-    message names the file and says what to do."""
 
 
 def _detail(e: BaseException) -> str:

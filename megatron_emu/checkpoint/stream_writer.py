@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_emu.checkpoint.reader import _RENAMES, STACKED
+from megatron_emu.checkpoint.reader import RENAMES as _RENAMES, STACKED
 
 
 LAYERS_FILE = "layers.json"

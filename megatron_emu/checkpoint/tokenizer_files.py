@@ -13,8 +13,10 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from megatron_emu.contracts.checkpoint_format import TOKENIZER_DIR
+
 FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-SUBDIR = "tokenizer"
+SUBDIR = TOKENIZER_DIR
 
 
 def is_tokenizer_dir(path: Optional[str | Path]) -> bool:

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from megatron_emu.checkpoint.convert import ConversionError, hf_to_mcore, mcore_to_hf
     from megatron_emu.checkpoint.reader import CheckpointReadError
-    from megatron_emu.checkpoint.safe_pickle import CheckpointFileError
+    from megatron_emu.contracts.checkpoint_format import CheckpointFileError
     from megatron_emu.checkpoint.safetensors_io import SafetensorsError
 
     try:

@@ -88,9 +88,9 @@ def _standalone(cfg, argv: list[str]) -> list[str]:
                 f"{par.pipeline_model_parallel_size} x DP {par.data_parallel_size or 1}); start it with "
                 f"`python -m megatron_emu.launch --standalone --nproc-per-node {need} -m megatron_emu.train "
                 f"{cmd}` (or slurm/pretrain.sbatch)"]
-    from megatron_emu.parallel.local_launch import _free_port
+    from megatron_emu.parallel.local_launch import free_port
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                       WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     return []
 

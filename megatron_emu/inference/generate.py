@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from megatron_emu.data import special_tokens as st
+from megatron_emu.contracts import vocab as st
 
 
 def _single_rank_config(cfg):
@@ -40,7 +40,7 @@ def load_model(ckpt: Optional[str] = None, hf: Optional[str] = None, verify: boo
 
     if ckpt is not None:
         from megatron_emu.checkpoint.convert import resolve_checkpoint
-        from megatron_emu.training.checkpointing import read_meta
+        from megatron_emu.checkpoint.model_state import read_meta
 
         from megatron_emu.checkpoint import tokenizer_files
 
@@ -64,7 +64,7 @@ def load_model(ckpt: Optional[str] = None, hf: Optional[str] = None, verify: boo
     pgs = init_model_parallel(cfg)
     (model,) = build_model_chunks(cfg, pgs)
     if ckpt is not None:
-        from megatron_emu.training.checkpointing import load_model_state
+        from megatron_emu.checkpoint.model_state import load_model_state
 
         load_model_state(path, [model], verify)
     else:

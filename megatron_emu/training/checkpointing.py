@@ -39,31 +39,25 @@ from typing import Optional
 import torch
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_emu.checkpoint import mcore_load
-from megatron_emu.checkpoint.integrity import Manifest
-from megatron_emu.checkpoint.paths import iter_name, resolve  # noqa: F401  (part of this module's API)
-from megatron_emu.checkpoint.safe_pickle import CheckpointFileError
+from megatron_emu.checkpoint.model_state import (  # noqa: F401  (part of this module's API)
+    CheckpointError,
+    chunks_of,
+    load_chunks,
+    load_model_state,
+    read_meta,
+)
+from megatron_emu.contracts.checkpoint_format import (  # noqa: F401  (part of this module's API)
+    TMP_SUFFIX,
+    CheckpointFileError,
+    iter_name,
+    resolve,
+)
 from megatron_emu.training import ckpt_publish
-from megatron_emu.training.ckpt_publish import META_FILE
 
 log = logging.getLogger("megatron_emu.checkpoint")
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used with this configuration (message says why)."""
-
-
-def read_meta(ckpt: Path, verify: bool = True) -> dict:
-    """``megatron_emu.json`` of a checkpoint (checked against its ``checksums.json``)."""
-    data = Manifest(ckpt, verify=verify).read_bytes(META_FILE)
-    try:
-        return json.loads(data)
-    except ValueError:
-        raise CheckpointFileError(f"{ckpt / META_FILE}: not valid JSON; restore it from a copy or resume "
-                                  f"from an earlier iteration") from None
 
 
 # Architecture fields that must match for weights to load (shapes), by dotted name.
@@ -124,7 +118,7 @@ def _set_rng(state: dict) -> None:
 
 
 def _sharded(model: list, optimizer, pgs, *, with_optimizer: bool, with_rng: bool, loading: bool) -> dict:
-    chunks = [m.module if hasattr(m, "module") else m for m in model]
+    chunks = chunks_of(model)
     state = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
     if with_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=loading, metadata=OPTIMIZER_FORMAT)
@@ -147,7 +141,7 @@ def cleanup_partial(directory: str | Path) -> None:
     directory's lock (``dir_lock.DirLock``): then no live job is writing them."""
     directory = Path(directory)
     if torch.distributed.get_rank() == 0 and directory.is_dir():
-        for tmp in directory.glob("iter_*.tmp"):
+        for tmp in directory.glob(f"iter_*{TMP_SUFFIX}"):
             log.warning("removing %s, left by an interrupted save", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
@@ -176,7 +170,7 @@ def save(directory: str | Path, model: list, optimizer, pgs, meta: dict, keep_la
     directory = Path(directory)
     _check_lock(lock)
     name = iter_name(meta["iteration"])
-    tmp = directory / f"{name}.tmp"
+    tmp = directory / f"{name}{TMP_SUFFIX}"
     if torch.distributed.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -226,7 +220,7 @@ def load_full(ckpt: Path, model: list, optimizer, pgs, layout: dict, verify: boo
     same_layout = meta.get("layout") == layout
     request = _sharded(model, optimizer, pgs, with_optimizer=True, with_rng=same_layout, loading=True)
     state = mcore_load.load(request, ckpt, verify=verify)
-    _load_model(model, state)
+    load_chunks(model, state)
     optimizer.load_state_dict(state["optimizer"])
     if same_layout:
         _set_rng(state["rng_state"])
@@ -243,41 +237,6 @@ def load_weights(ckpt: Path, model: list, optimizer, verify: bool = True) -> dic
     # bf16 models keep fp32 main parameters in the optimizer: refresh them from the loaded weights.
     optimizer.reload_model_params()
     return meta
-
-
-def load_model_state(ckpt: str | Path, model: list, verify: bool = True) -> None:
-    """The model tensors of ``ckpt`` into ``model``'s chunks (any layout). Converted checkpoints
-    (and those of another ``transformer_impl``) may lack some modules' ``_extra_state`` (e.g.
-    Transformer Engine's FP8 scaling state, which then starts fresh); any other absent tensor
-    is an error."""
-    chunks = [m.module if hasattr(m, "module") else m for m in model]
-    request = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-    state, _, absent = mcore_load.load(request, ckpt, verify=verify, strict=StrictHandling.RETURN_UNEXPECTED)
-    wanted = sorted(k for k in absent if not k.endswith("_extra_state"))
-    problem = f"{ckpt} lacks {len(wanted)} model tensor(s) this model needs, e.g. {wanted[:3]}" if wanted else ""
-    if not problem:
-        try:
-            _load_model(chunks, state, allow_missing_extra_state=bool(absent))
-        except CheckpointError as e:
-            problem = str(e)
-    # Ranks see different keys: agree before raising, so no rank is left waiting in a collective.
-    from megatron_emu.utils import device
-
-    flag = torch.tensor([1.0 if problem else 0.0], device=device.device())
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    if flag.item():
-        raise CheckpointError(problem or f"another rank could not load its part of {ckpt} (see its log)")
-
-
-def _load_model(model: list, state: dict, allow_missing_extra_state: bool = False) -> None:
-    for i, m in enumerate(model):
-        chunk = m.module if hasattr(m, "module") else m
-        result = chunk.load_state_dict(state[f"model{i}"], strict=not allow_missing_extra_state)
-        if allow_missing_extra_state:
-            bad = [k for k in result.missing_keys if not k.endswith("_extra_state")] + list(result.unexpected_keys)
-            if bad:
-                raise CheckpointError(f"model chunk {i}: state does not match the model: {bad[:3]}")
 
 
 def all_finite(model: list) -> bool:

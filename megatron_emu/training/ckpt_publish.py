@@ -21,8 +21,7 @@ import torch
 
 from megatron_emu.checkpoint import integrity, tokenizer_files
 from megatron_emu.checkpoint.safe_pickle import read_dcp_metadata
-
-from megatron_emu.checkpoint.paths import LATEST, META_FILE  # noqa: F401  (re-exported)
+from megatron_emu.contracts.checkpoint_format import LATEST, META_FILE, TMP_SUFFIX
 
 log = logging.getLogger("megatron_emu.checkpoint")
 _RANK_FILE = re.compile(r"__(\d+)_")
@@ -64,7 +63,7 @@ def checksum_own_files(tmp: Path) -> dict:
 def publish(directory: Path, name: str, meta_text: str, keep_last: int, tokenizer: Optional[str] = None) -> None:
     """All ranks: see the module docstring. ``tokenizer``: a tokenizer directory rank 0 copies
     into the checkpoint (``tokenizer/``, checksummed with the rest)."""
-    final, tmp = directory / name, directory / f"{name}.tmp"
+    final, tmp = directory / name, directory / f"{name}{TMP_SUFFIX}"
     rank = torch.distributed.get_rank()
     torch.distributed.barrier()  # every rank's files (and rank 0's .metadata) are written
     if rank == 0:
@@ -92,7 +91,7 @@ def publish(directory: Path, name: str, meta_text: str, keep_last: int, tokenize
 
 
 def prune(directory: Path, keep_last: int, keep: str) -> None:
-    done = sorted(p for p in directory.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    done = sorted(p for p in directory.glob("iter_*") if p.is_dir() and not p.name.endswith(TMP_SUFFIX))
     for old in done[:-keep_last]:
         if old.name != keep:
             shutil.rmtree(old, ignore_errors=True)

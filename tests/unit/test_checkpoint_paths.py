@@ -9,7 +9,7 @@ import pytest
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 
-from megatron_emu.checkpoint.paths import resolve
+from megatron_emu.contracts.checkpoint_format import resolve
 from megatron_emu.checkpoint.safe_pickle import CheckpointFileError, load_dcp_metadata
 
 

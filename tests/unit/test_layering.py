@@ -1,14 +1,17 @@
 """Layers point one way. Every import of a megatron_emu module (at the top of a file or inside a
 function) is checked against what its layer may import:
 
-    contracts (the batch, vocabulary, image layout, parameter namespace) <- everything
+    contracts (the batch, vocabulary, image layout, parameter namespace, checkpoint format)
+        imports nothing of ours outside contracts; everything may import it
     config, utils, ops, compat, parallel (process groups)
     data <- data_tools                 model (never data or training)
-    training (the composition root: training/build.py), checkpoint, inference
+    checkpoint (conversion, model-state loading), inference
+    training (the loop; training/build.py is the composition root)
     cli (entry points)
 
-Nothing imports ``training`` but the CLI and training itself, and data and model never import
-each other.
+Nothing imports ``training`` but the CLI and training itself (its composition root included),
+data and model never import each other, and no module imports another module's private
+(``_``-prefixed) names.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 ALLOWED = {
-    "contracts": {"contracts"},
+    "contracts": {"contracts"},  # nothing of ours outside contracts
     "config": {"config", "contracts"},
     "utils": {"utils"},
     "ops": {"ops", "utils"},
@@ -31,24 +34,12 @@ ALLOWED = {
     "planner": {"planner", "config", "contracts", "model", "utils"},
     "training": {"training", "contracts", "config", "data", "model", "parallel", "planner", "compat",
                  "checkpoint", "ops", "utils"},
-    "checkpoint": {"checkpoint", "contracts", "config", "data", "model", "parallel", "utils"},
+    "checkpoint": {"checkpoint", "contracts", "config", "model", "parallel", "utils"},
     "inference": {"inference", "checkpoint", "contracts", "config", "data", "model", "parallel", "utils"},
     "cli": {"cli", "training", "checkpoint", "inference", "config", "contracts", "data", "model", "parallel",
             "planner", "compat", "utils"},
     "package": {"cli"},  # megatron_emu/train.py, launch.py: `python -m` aliases of the CLI
 }
-
-# Imports across the allowed direction that stay until a named follow-up, each with its reason.
-# file -> the modules it may still import although its layer may not.
-EXEMPT = {
-    # Loading a checkpoint's metadata and model state lives in training/checkpointing.py until
-    # the checkpoint format moves into contracts (its paths already moved to checkpoint/paths.py).
-    "megatron_emu/inference/generate.py": {"megatron_emu.training.checkpointing"},
-}
-# The vocabulary moved to contracts/vocab.py; the old path re-exports it for these files only
-# (being changed by the conversion work at the same time), until the same follow-up.
-OLD_VOCAB = "megatron_emu.data.special_tokens"
-OLD_VOCAB_USERS = {"megatron_emu/checkpoint/hf_config.py", "megatron_emu/inference/generate.py"}
 
 
 def _layer(rel: str) -> str:
@@ -88,6 +79,17 @@ def _files():
             yield path.relative_to(ROOT).as_posix(), path
 
 
+def _private_imports(path: Path) -> list[str]:
+    """``from <our module> import _name`` (a private name of another module)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] in
+                                                 ("megatron_emu", "data_tools")):
+            out += [f"{node.module}.{a.name}" for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")]
+    return out
+
+
 def test_layers_point_one_way():
     wrong = []
     for rel, path in _files():
@@ -96,26 +98,27 @@ def test_layers_point_one_way():
             target = _target_layer(module)
             if target is None or target in ALLOWED[layer]:
                 continue
-            if any(module == e or module.startswith(e + ".") for e in EXEMPT.get(rel, ())):
-                continue
             wrong.append(f"{rel} ({layer}) imports {module} ({target})")
     assert not wrong, "\n".join(wrong)
+
+
+def test_contracts_import_nothing_of_ours():
+    users = {f"{rel} imports {m}" for rel, path in _files() if _layer(rel) == "contracts"
+             for m in _imports(path) if _target_layer(m) != "contracts"}
+    assert not users, users
+
+
+def test_data_and_model_import_only_contracts_and_the_base():
+    for layer in ("data", "model"):
+        assert not ALLOWED[layer] & {"data", "model", "training", "checkpoint", "inference", "cli"} - {layer}
 
 
 def test_only_cli_and_training_import_training():
     users = {rel for rel, path in _files() for m in _imports(path)
              if m.startswith("megatron_emu.training") and _layer(rel) not in ("cli", "training")}
-    assert users == set(EXEMPT), users
+    assert not users, users
 
 
-def test_old_vocabulary_path_is_only_a_transitional_re_export():
-    users = {rel for rel, path in _files() for m in _imports(path) if m == OLD_VOCAB or m.startswith(OLD_VOCAB + ".")}
-    assert users <= OLD_VOCAB_USERS, users - OLD_VOCAB_USERS
-
-
-def test_exemptions_are_still_needed():
-    """An exemption that no longer matches an import must be deleted from this file."""
-    for rel, modules in EXEMPT.items():
-        imported = _imports(ROOT / rel)
-        for e in modules:
-            assert any(m == e or m.startswith(e + ".") for m in imported), f"{rel}: {e} is no longer imported"
+def test_no_private_names_imported_across_modules():
+    wrong = [f"{rel}: {name}" for rel, path in _files() for name in _private_imports(path)]
+    assert not wrong, "\n".join(wrong)
