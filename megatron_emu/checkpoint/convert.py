@@ -30,7 +30,8 @@ from typing import Optional
 
 import torch
 
-from megatron_emu.checkpoint import hf_config, integrity, native_layout, paths, stream_writer, tokenizer_files
+from megatron_emu.checkpoint import (hf_config, integrity, native_layout, paths, row_gather, stream_writer,
+                                     tokenizer_files)
 from megatron_emu.checkpoint.hf_mapping import HF_LM, HF_LM_HEAD, Dims, to_hf
 from megatron_emu.checkpoint.hf_reader import HFReader
 from megatron_emu.checkpoint.reader import CheckpointReader
@@ -123,13 +124,14 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int] =
     def out_dtype(name: str) -> torch.dtype:  # RoPE frequencies stay fp32, as transformers keeps them
         return torch.float32 if name.endswith(native_layout.INV_FREQ) else torch_dtype
 
-    # Plan every output tensor from shapes alone (meta tensors), in the order they will be written.
+    # Plan every output tensor from shapes alone, in the order they will be written: which rows
+    # of which canonical tensor each is (``row_gather``; mapping row numbers needs no data).
     plan, per_entry = [], []
     for name, key, layer in reader.entries():
-        meta = torch.empty(reader.shape(key, layer), dtype=reader.dtypes[key], device="meta")
-        outputs = mapped(name, meta)
-        per_entry.append((name, key, layer))
-        plan += [(n, tuple(t.shape), out_dtype(n)) for n, t in outputs]
+        outputs = row_gather.row_runs(mapped, name, tuple(reader.shape(key, layer)))
+        direct = all(runs is not None and out_dtype(n) == reader.dtypes[key] for n, _, runs in outputs)
+        per_entry.append((name, key, layer, outputs if direct else None))
+        plan += [(n, shape, out_dtype(n)) for n, shape, _ in outputs]
     if not plan:
         raise ConversionError(f"{src}: no model tensors found")
     shards = plan_shards(plan, int(max_shard_gb * 2**30))
@@ -139,14 +141,26 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int] =
         writers = iter([ShardWriter(tmp / f, s) for f, s in zip(names, shards)])
         current, left = next(writers), len(shards[0])
         bar = _progress(len(per_entry), "mcore-to-hf", progress)
-        for name, key, layer in per_entry:
-            for hf_name, t in mapped(name, reader.read(key, layer)):
-                current.write(hf_name, t.to(out_dtype(hf_name)))
+        for name, key, layer, outputs in per_entry:
+            chunks = reader.chunks(key, layer)
+            shape = tuple(reader.shape(key, layer))
+            views = [row_gather.row_buffers(chunks, shape, runs) for _, _, runs in outputs or ()]
+            if outputs is None or any(v is None for v in views):  # assembled, mapped, converted
+                views = [(n, t.to(out_dtype(n))) for n, t in mapped(name, reader.read(key, layer, chunks))]
+            else:  # written straight from the chunks' mapped bytes
+                views = [(n, (s, reader.dtypes[key], v)) for (n, s, _), v in zip(outputs, views)]
+            chunks = None
+            for hf_name, data in views:
+                if isinstance(data, torch.Tensor):
+                    current.write(hf_name, data)
+                else:
+                    current.write_buffers(hf_name, *data)
                 left -= 1
                 if left == 0:
                     current.close()
                     current = next(writers, None)
                     left = len(current.entries) if current else 0
+            views = None
             bar.update(1)
         bar.close()
         index = write_index(tmp, shards, names)
