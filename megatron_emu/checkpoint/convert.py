@@ -7,8 +7,8 @@
   tower) with everything else initialised fresh (``fresh_init.py``), -> a megatron_emu checkpoint
   (weights only) at the requested TP/PP layout; ``megatron-emu-train --set checkpoint.load=DIR``
   loads it at any layout. Streams too: each rank's model exists only on the meta device; one
-  group of layers at a time is read (``hf_source.py``), sliced and saved as a checkpoint part,
-  and the parts are merged into one checkpoint (``stream_writer.py``).
+  group of layers at a time is read (``hf_source.py``), sliced and appended to the rank's data
+  file as torch DCP items, and rank 0 writes the checkpoint's metadata (``stream_writer.py``).
 
 Inputs are validated (files, shapes, keys) before anything is written; output is built in a
 temporary directory next to ``out`` (created with the usual, umask-governed permissions) and
@@ -30,8 +30,7 @@ from typing import Optional
 
 import torch
 
-from megatron_emu.checkpoint import (hf_config, integrity, native_layout, paths, row_gather, stream_writer,
-                                     tokenizer_files)
+from megatron_emu.checkpoint import hf_config, integrity, native_layout, paths, row_gather, tokenizer_files
 from megatron_emu.checkpoint.hf_mapping import HF_LM, HF_LM_HEAD, Dims, to_hf
 from megatron_emu.checkpoint.hf_reader import HFReader
 from megatron_emu.checkpoint.reader import CheckpointReader
@@ -252,17 +251,15 @@ def hf_to_mcore(out: str | Path, *, hf: Optional[str] = None, llama: Optional[st
     try:
         from megatron_emu.parallel.local_launch import run_local
 
-        counts = run_local(tp * pp, _save_rank, cfg, {k: str(v.source) for k, v in source.items()}, str(tmp),
-                           progress, cpu_only=True)
-        parts = sorted((tmp / "parts").iterdir())
-        stream_writer.merge_parts(parts, tmp)
-        (tmp / "parts").rmdir()
+        ranks = run_local(tp * pp, _save_rank, cfg, {k: str(v.source) for k, v in source.items()}, str(tmp),
+                          progress, cpu_only=True)
+        counts, written = [n for n, _ in ranks], ranks[0][1]  # the data files' checksums, as written
         meta = {"iteration": 0, "kind": "weights", "layout": {"tp": tp, "pp": pp, "vpp": None, "dp": 1},
                 "config": asdict(cfg)}
         (tmp / paths.META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         if tokenizer_files.is_tokenizer_dir(tok):
             tokenizer_files.bundle(tok, tmp)
-        integrity.build(tmp)
+        integrity.build(tmp, known=written)
         _publish(tmp, Path(out))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -307,10 +304,11 @@ def _gather_needed(targets: dict) -> dict:
     return needed
 
 
-def _save_rank(rank: int, cfg, dirs: dict, out: str, progress: bool) -> int:
-    """Stream this rank's shard of the checkpoint into ``out/parts/``: the model is built on the
-    meta device, the inputs are checked against it from their headers, then each group of layers
-    is read, mapped, sliced and saved as one part (all ranks together)."""
+def _save_rank(rank: int, cfg, dirs: dict, out: str, progress: bool) -> tuple[int, dict]:
+    """Stream this rank's shard of the checkpoint into ``out``: the model is built on the meta
+    device, the inputs are checked against it from their headers, then each group of layers is
+    read, mapped, sliced and appended to this rank's data file (``stream_writer``). Returns the
+    number of tensors written and every data file's checksums."""
     from megatron_emu.checkpoint import stream_writer
     from megatron_emu.checkpoint.fresh_init import fresh_tensor
     from megatron_emu.checkpoint.hf_source import CanonicalSource, SourceError
@@ -320,8 +318,7 @@ def _save_rank(rank: int, cfg, dirs: dict, out: str, progress: bool) -> int:
     from torch.utils.serialization import config as serialization
 
     # The zip CRC-32 torch.save computes for every item costs a pass over the data that nothing
-    # reads (torch.load does not check it); checksums.json covers the files. This rank process
-    # (and the writer processes megatron-core forks from it) only.
+    # reads (torch.load does not check it); checksums.json covers the files. This rank only.
     serialization.save.compute_crc32 = False
     init_distributed()
     pgs = init_model_parallel(cfg)
@@ -334,13 +331,12 @@ def _save_rank(rank: int, cfg, dirs: dict, out: str, progress: bool) -> int:
     except SourceError as e:  # the same on every rank: all stop here, before writing
         raise ConversionError(str(e)) from None
     dtype = getattr(torch, cfg.model.params_dtype)
-    counts = {"decoder.layers.": cfg.model.lm.num_layers, "vision.blocks.layers.": cfg.model.vision.num_layers}
     bar = _progress(len(plan), "hf-to-mcore", progress and rank == 0, unit="group")
+    writer = stream_writer.DcpWriter(Path(out), rank)
     written = 0
-    for k, (groups, names) in enumerate(plan):
+    for groups, names in plan:
         local = [n for n in names if n in targets]
         canon = source.canonical(groups) if any(n in source.given for n in local) else {}
-        filled = []
         for n in local:
             full = canon.pop(n, None)
             if full is None:
@@ -348,12 +344,11 @@ def _save_rank(rank: int, cfg, dirs: dict, out: str, progress: bool) -> int:
             elif source.vocab_rows.get(n, needed[n][0]) < needed[n][0]:  # Emu2's added rows start fresh
                 rows = source.vocab_rows[n]
                 full[rows:] = fresh_tensor(n, needed[n], cfg, start_row=rows).to(full.dtype)
-            filled += [stream_writer.fill(sh, offsets, full, dtype) for sh, offsets, _ in targets[n]]
+            for sh, offsets, _ in targets[n]:
+                writer.add(sh, offsets, full, dtype)
+                written += 1
             full = None
-        written += len(filled)
-        layers = {prefix: (i, counts[prefix]) for prefix, i in stream_writer.part_layers(names).items()}
-        stream_writer.save_part(Path(out) / "parts" / f"{k:05d}", filled, layers)
-        canon = filled = None  # nothing of this group outlives its part
+        canon = None  # nothing of this group outlives it
         bar.update(1)
     bar.close()
-    return written
+    return written, stream_writer.finish(writer)
