@@ -315,11 +315,6 @@ def _save_rank(rank: int, cfg, dirs: dict, out: str, progress: bool) -> tuple[in
     from megatron_emu.model.builder import build_model_chunks
     from megatron_emu.parallel.groups import init_distributed, init_model_parallel
 
-    from torch.utils.serialization import config as serialization
-
-    # The zip CRC-32 torch.save computes for every item costs a pass over the data that nothing
-    # reads (torch.load does not check it); checksums.json covers the files. This rank only.
-    serialization.save.compute_crc32 = False
     init_distributed()
     pgs = init_model_parallel(cfg)
     targets = stream_writer.rank_targets(build_model_chunks(cfg, pgs, meta=True))
@@ -336,19 +331,35 @@ def _save_rank(rank: int, cfg, dirs: dict, out: str, progress: bool) -> tuple[in
     written = 0
     for groups, names in plan:
         local = [n for n in names if n in targets]
-        canon = source.canonical(groups) if any(n in source.given for n in local) else {}
+        inputs, rows = source.rows(groups) if any(n in source.given for n in local) else ([], {})
+        canon = None
         for n in local:
-            full = canon.pop(n, None)
+            pending = [(sh, offsets) for sh, offsets, _ in targets[n]]
+            runs = rows.get(n)
+            if runs is not None and all(inputs[k].dtype == dtype and inputs[k].is_contiguous() for k, _, _ in runs):
+                rest = []  # whole-row regions are written straight from the inputs' mapped bytes
+                for sh, offsets in pending:
+                    if tuple(sh.data.shape[1:]) == tuple(needed[n][1:]):
+                        rows_of = row_gather.select_rows(runs, inputs, offsets[0], offsets[0] + sh.data.shape[0])
+                        writer.add_rows(sh, rows_of, dtype)
+                    else:
+                        rest.append((sh, offsets))
+                pending = rest
+            written += len(targets[n])
+            if not pending:
+                continue
+            if canon is None and n in source.given:
+                canon = source.canonical(groups)
+            full = canon.pop(n, None) if canon is not None else None
             if full is None:
                 full = fresh_tensor(n, needed[n], cfg)
             elif source.vocab_rows.get(n, needed[n][0]) < needed[n][0]:  # Emu2's added rows start fresh
-                rows = source.vocab_rows[n]
-                full[rows:] = fresh_tensor(n, needed[n], cfg, start_row=rows).to(full.dtype)
-            for sh, offsets, _ in targets[n]:
+                given = source.vocab_rows[n]
+                full[given:] = fresh_tensor(n, needed[n], cfg, start_row=given).to(full.dtype)
+            for sh, offsets in pending:
                 writer.add(sh, offsets, full, dtype)
-                written += 1
             full = None
-        canon = None  # nothing of this group outlives it
+        canon = inputs = None  # nothing of this group outlives it
         bar.update(1)
     bar.close()
     return written, stream_writer.finish(writer)

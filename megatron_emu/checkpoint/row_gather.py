@@ -81,3 +81,31 @@ def row_buffers(chunks: list[tuple[tuple, torch.Tensor]], shape: tuple, runs: Ru
             for r in range(lo, hi):
                 out += [view[r * row:(r + 1) * row] for view, row in cols]
     return out
+
+
+def source_runs(ids: torch.Tensor) -> Optional[list[tuple[int, int, int]]]:
+    """Rows tagged ``(source + 1) << 32 | row`` (``hf_source.CanonicalSource.rows``) ->
+    ``[(source, start, stop)]`` in order; ``None`` if any row is 0 (made, not selected)."""
+    runs: list[tuple[int, int, int]] = []
+    for x in ids.reshape(-1).tolist():
+        if x == 0:
+            return None
+        k, r = (x >> 32) - 1, x & 0xFFFFFFFF
+        if runs and runs[-1][0] == k and runs[-1][2] == r:
+            runs[-1] = (k, runs[-1][1], r + 1)
+        else:
+            runs.append((k, r, r + 1))
+    return runs
+
+
+def select_rows(runs: list[tuple[int, int, int]], sources: list[torch.Tensor], start: int, stop: int) -> list:
+    """The bytes of rows ``[start, stop)`` of the tensor whose rows ``runs`` take from
+    ``sources`` (contiguous, the tensor's row shape and dtype), as views in order."""
+    out, pos = [], 0
+    for k, a, b in runs:
+        lo, hi = max(start, pos), min(stop, pos + b - a)
+        if lo < hi:
+            view, row = _row_views(sources[k])
+            out.append(view[(a + lo - pos) * row:(a + hi - pos) * row])
+        pos += b - a
+    return out

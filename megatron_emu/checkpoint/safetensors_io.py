@@ -62,7 +62,7 @@ class ShardWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self.file = open(self.path, "wb", buffering=0)
-        _write_all(self.file.fileno(), [struct.pack("<Q", len(raw)) + raw])
+        write_all(self.file.fileno(), [struct.pack("<Q", len(raw)) + raw])
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         data = tensor.detach().contiguous().cpu()
@@ -78,7 +78,7 @@ class ShardWriter:
                 size != nbytes(exp_shape, exp_dtype):
             raise RuntimeError(f"shard {self.path.name}: got {name} {tuple(shape)} {dtype} ({size} bytes), "
                                f"planned {exp_name} {tuple(exp_shape)} {exp_dtype}")
-        _write_all(self.file.fileno(), buffers)
+        write_all(self.file.fileno(), buffers)
         self.next += 1
 
     def close(self) -> None:
@@ -87,7 +87,7 @@ class ShardWriter:
         self.file.close()
 
 
-def _write_all(fd: int, buffers: list) -> None:
+def write_all(fd: int, buffers: list) -> None:
     """``os.writev`` of every byte of ``buffers`` (at most ``IOV_MAX`` at a time; short writes
     resumed)."""
     import os

@@ -24,9 +24,11 @@ import pickle
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from megatron_emu.checkpoint.reader import _RENAMES, STACKED
+from megatron_emu.checkpoint.safetensors_io import write_all
 
 
 
@@ -75,18 +77,32 @@ def fill(target, offsets: tuple, full: torch.Tensor, dtype: torch.dtype) -> torc
 
 
 class _CrcFile:
-    """The data file, written through: every byte also goes into the current item's CRC-32."""
+    """The data file, written through: every byte also goes into the current item's CRC-32.
+    ``substitute``: ``(address, size, buffers)``: the write of those ``size`` bytes at that
+    address (a placeholder tensor's storage, never touched) writes ``buffers`` instead."""
 
     def __init__(self, path: Path):
         from megatron_emu.checkpoint.integrity import crc32
 
         self.file, self.crc32, self.crc, self.pos = open(path, "wb"), crc32, 0, 0
+        self.substitute = None
 
     def write(self, data) -> int:
-        self.crc = self.crc32(data, self.crc)
-        n = self.file.write(data)
-        self.pos += n
-        return n
+        view = memoryview(data)
+        if self.substitute and view.nbytes == self.substitute[1] and \
+                np.frombuffer(view, dtype=np.uint8).ctypes.data == self.substitute[0]:
+            buffers, self.substitute = self.substitute[2], None
+            self.file.flush()
+            write_all(self.file.fileno(), buffers)
+        else:
+            self.file.write(view)
+            buffers = [view]
+        # After the write: written from pages of a memory-mapped input that user space has not
+        # touched yet, the copy into the page cache costs a third of the CPU time it costs after.
+        for b in buffers:
+            self.crc = self.crc32(b, self.crc)
+        self.pos += view.nbytes
+        return view.nbytes
 
     def tell(self) -> int:
         return self.pos
@@ -96,23 +112,47 @@ class _CrcFile:
 
 
 class DcpWriter:
-    """This rank's data file: ``add`` appends one DCP item per main-replica target."""
+    """This rank's data file: ``add`` / ``add_rows`` append one DCP item per main-replica target."""
 
     def __init__(self, out: Path, rank: int):
+        from torch.utils.serialization import config as serialization
+
+        # The zip CRC-32 torch.save computes for every item costs a pass over the data that
+        # nothing reads (torch.load does not check it; checksums.json covers the files), and it
+        # would read add_rows' placeholders. This (converter rank) process only.
+        serialization.save.compute_crc32 = False
         self.name = f"__{rank}_0.distcp"
         self.out, self.stream = Path(out), _CrcFile(Path(out) / self.name)
         self.items: list[tuple] = []  # (key, global shape, dtype, offsets, sizes, start, length, crc)
 
     def add(self, target, offsets: tuple, full: torch.Tensor, dtype: torch.dtype) -> None:
         """Write ``target``'s region of ``full`` (nothing for a replica another rank writes)."""
+        self._save(target, lambda: fill(target, offsets, full, dtype))
+
+    def add_rows(self, target, buffers: list, dtype: torch.dtype) -> None:
+        """Write ``target`` given as the bytes of its data in pieces (``buffers``, in order):
+        ``torch.save`` writes a placeholder of its shape whose storage, never touched, is
+        replaced by the pieces as it is written (nothing is joined or copied first)."""
+        def placeholder():
+            data = torch.empty((1,) * target.prepend_axis_num + tuple(target.data.shape), dtype=dtype)
+            if sum(memoryview(b).nbytes for b in buffers) != data.nbytes:
+                raise MergeError(f"{target.key}: {data.nbytes} bytes expected from the pieces")
+            if data.nbytes:
+                self.stream.substitute = (data.data_ptr(), data.nbytes, buffers)
+            return data
+        self._save(target, placeholder)
+        if self.stream.substitute is not None:
+            raise MergeError(f"{target.key}: torch.save did not write the placeholder's storage at once")
+
+    def _save(self, target, data) -> None:
         from megatron.core.dist_checkpointing.mapping import is_main_replica
 
         if not is_main_replica(target.replica_id):
             return
-        data = fill(target, offsets, full, dtype)
+        data = data()
         start, self.stream.crc = self.stream.tell(), 0
         torch.save(data, self.stream)
-        self.items.append((target.key, tuple(target.global_shape), dtype, tuple(target.global_offset),
+        self.items.append((target.key, tuple(target.global_shape), data.dtype, tuple(target.global_offset),
                            tuple(data.shape), start, self.stream.tell() - start, self.stream.crc))
 
     def close(self) -> dict:
