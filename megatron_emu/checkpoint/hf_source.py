@@ -143,8 +143,7 @@ class CanonicalSource:
 
 def _coalesce(entries: list) -> list[tuple[list[str], list[str]]]:
     """Merge consecutive entries while their total stays within the largest one and the part
-    keeps at most one layer of each stack (``stream_writer`` writes a part's layer as a
-    one-layer stack)."""
+    keeps at most one layer of each stack (a group is one layer, or small tensors)."""
     limit = max((e[2] for e in entries), default=0)
     out: list = []
     size, stacks = 0, set()
