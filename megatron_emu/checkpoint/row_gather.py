@@ -37,14 +37,10 @@ def row_runs(mapped: Callable, name: str, shape: tuple) -> list[tuple[str, tuple
         if t.dtype != torch.int64:  # computed, not selected (the native layout's inv_freq)
             out.append((out_name, tuple(t.shape), None))
             continue
-        rows = t.reshape(-1).tolist()
-        runs: Runs = []
-        for r in rows:
-            if runs and runs[-1][1] == r:
-                runs[-1] = (runs[-1][0], r + 1)
-            else:
-                runs.append((r, r + 1))
-        out.append((out_name, (len(rows), *shape[1:]), runs))
+        rows = t.reshape(-1)
+        listed = rows.tolist()
+        runs = [(listed[a], listed[a] + b - a) for a, b in _runs(rows)]
+        out.append((out_name, (rows.numel(), *shape[1:]), runs))
     return out
 
 
@@ -86,16 +82,24 @@ def row_buffers(chunks: list[tuple[tuple, torch.Tensor]], shape: tuple, runs: Ru
 def source_runs(ids: torch.Tensor) -> Optional[list[tuple[int, int, int]]]:
     """Rows tagged ``(source + 1) << 32 | row`` (``hf_source.CanonicalSource.rows``) ->
     ``[(source, start, stop)]`` in order; ``None`` if any row is 0 (made, not selected)."""
-    runs: list[tuple[int, int, int]] = []
-    for x in ids.reshape(-1).tolist():
-        if x == 0:
-            return None
-        k, r = (x >> 32) - 1, x & 0xFFFFFFFF
-        if runs and runs[-1][0] == k and runs[-1][2] == r:
-            runs[-1] = (k, runs[-1][1], r + 1)
-        else:
-            runs.append((k, r, r + 1))
-    return runs
+    ids = ids.reshape(-1)
+    if bool((ids == 0).any()):
+        return None
+    sources, rows = ids >> 32, ids & 0xFFFFFFFF
+    listed, tags = rows.tolist(), sources.tolist()
+    return [(tags[a] - 1, listed[a], listed[a] + b - a) for a, b in _runs(rows, sources)]
+
+
+def _runs(rows: torch.Tensor, tags: Optional[torch.Tensor] = None) -> list[tuple[int, int]]:
+    """``[start, stop)`` index ranges of ``rows`` (1-D) over which each row follows the one
+    before it (and ``tags`` stay the same)."""
+    if rows.numel() == 0:
+        return []
+    breaks = rows[1:] != rows[:-1] + 1
+    if tags is not None:
+        breaks |= tags[1:] != tags[:-1]
+    starts = [0] + (torch.nonzero(breaks).reshape(-1) + 1).tolist()
+    return list(zip(starts, starts[1:] + [rows.numel()]))
 
 
 def select_rows(runs: list[tuple[int, int, int]], sources: list[torch.Tensor], start: int, stop: int) -> list:
