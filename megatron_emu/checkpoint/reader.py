@@ -132,6 +132,10 @@ class CheckpointReader:
                 self.manifest.check_view(info.relative_path, f, info.offset, view)
             chunk = dcp_item.load_item(view, f"{self.dir / info.relative_path} ({key})")
             view = None
+            if tuple(chunk.shape) != tuple(sizes) or chunk.dtype != self.dtypes[key]:
+                raise CheckpointReadError(f"{self.dir / info.relative_path}: {key} at {tuple(offsets)} holds "
+                                          f"{chunk.dtype} {tuple(chunk.shape)}, .metadata says "
+                                          f"{self.dtypes[key]} {tuple(sizes)}; the file is damaged or crafted: restore it from a copy")
             if layer is not None:
                 chunk, offsets = chunk[layer - offsets[0]], offsets[1:]
             out.append((tuple(offsets), chunk))
