@@ -135,7 +135,8 @@ class CheckpointReader:
             if tuple(chunk.shape) != tuple(sizes) or chunk.dtype != self.dtypes[key]:
                 raise CheckpointReadError(f"{self.dir / info.relative_path}: {key} at {tuple(offsets)} holds "
                                           f"{chunk.dtype} {tuple(chunk.shape)}, .metadata says "
-                                          f"{self.dtypes[key]} {tuple(sizes)}; the file is damaged or crafted: restore it from a copy")
+                                          f"{self.dtypes[key]} {tuple(sizes)}; the file is damaged or crafted: "
+                                          f"restore it from a copy")
             if layer is not None:
                 chunk, offsets = chunk[layer - offsets[0]], offsets[1:]
             out.append((tuple(offsets), chunk))

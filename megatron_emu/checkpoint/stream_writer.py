@@ -178,7 +178,8 @@ def finish(writer: DcpWriter) -> dict:
         tensors, storage = {}, {}
         for name, items, _ in gathered:
             for key, size, dtype, offsets, sizes, start, length, _crc in items:
-                tmd = tensors.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(size), []))
+                tmd = tensors.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(size),
+                                                                    []))
                 if tuple(tmd.size) != size or tmd.properties.dtype != dtype:
                     raise MergeError(f"{key}: ranks disagree on shape/dtype ({tuple(tmd.size)} vs {size})")
                 tmd.chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
