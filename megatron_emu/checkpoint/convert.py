@@ -7,8 +7,8 @@
   tower) with everything else initialised fresh (``fresh_init.py``), -> a megatron_emu checkpoint
   (weights only) at the requested TP/PP layout; ``megatron-emu-train --set checkpoint.load=DIR``
   loads it at any layout. Streams too: each rank's model exists only on the meta device; one
-  group of layers at a time is read (``hf_source.py``), sliced and saved as a checkpoint part,
-  and the parts are merged into one checkpoint (``stream_writer.py``).
+  group of layers at a time is read (``hf_source.py``), sliced and appended to the rank's data
+  file as torch DCP items, and rank 0 writes the checkpoint's metadata (``stream_writer.py``).
 
 Inputs are validated (files, shapes, keys) before anything is written; output is built in a
 temporary directory next to ``out`` (created with the usual, umask-governed permissions) and
@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from megatron_emu.checkpoint import hf_config, integrity, native_layout, stream_writer, tokenizer_files
+from megatron_emu.checkpoint import hf_config, integrity, native_layout, row_gather, stream_writer, tokenizer_files
 from megatron_emu.checkpoint.hf_mapping import HF_LM, HF_LM_HEAD, Dims, to_hf
 from megatron_emu.checkpoint.hf_reader import HFReader
 from megatron_emu.checkpoint.reader import CheckpointReader
@@ -124,13 +124,14 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int] =
     def out_dtype(name: str) -> torch.dtype:  # RoPE frequencies stay fp32, as transformers keeps them
         return torch.float32 if name.endswith(native_layout.INV_FREQ) else torch_dtype
 
-    # Plan every output tensor from shapes alone (meta tensors), in the order they will be written.
+    # Plan every output tensor from shapes alone, in the order they will be written: which rows
+    # of which canonical tensor each is (``row_gather``; mapping row numbers needs no data).
     plan, per_entry = [], []
     for name, key, layer in reader.entries():
-        meta = torch.empty(reader.shape(key, layer), dtype=reader.dtypes[key], device="meta")
-        outputs = mapped(name, meta)
-        per_entry.append((name, key, layer))
-        plan += [(n, tuple(t.shape), out_dtype(n)) for n, t in outputs]
+        outputs = row_gather.row_runs(mapped, name, tuple(reader.shape(key, layer)))
+        direct = all(runs is not None and out_dtype(n) == reader.dtypes[key] for n, _, runs in outputs)
+        per_entry.append((name, key, layer, outputs if direct else None))
+        plan += [(n, shape, out_dtype(n)) for n, shape, _ in outputs]
     if not plan:
         raise ConversionError(f"{src}: no model tensors found")
     shards = plan_shards(plan, int(max_shard_gb * 2**30))
@@ -140,14 +141,26 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, *, iteration: Optional[int] =
         writers = iter([ShardWriter(tmp / f, s) for f, s in zip(names, shards)])
         current, left = next(writers), len(shards[0])
         bar = _progress(len(per_entry), "mcore-to-hf", progress)
-        for name, key, layer in per_entry:
-            for hf_name, t in mapped(name, reader.read(key, layer)):
-                current.write(hf_name, t.to(out_dtype(hf_name)))
+        for name, key, layer, outputs in per_entry:
+            chunks = reader.chunks(key, layer)
+            shape = tuple(reader.shape(key, layer))
+            views = [row_gather.row_buffers(chunks, shape, runs) for _, _, runs in outputs or ()]
+            if outputs is None or any(v is None for v in views):  # assembled, mapped, converted
+                views = [(n, t.to(out_dtype(n))) for n, t in mapped(name, reader.read(key, layer, chunks))]
+            else:  # written straight from the chunks' mapped bytes
+                views = [(n, (s, reader.dtypes[key], v)) for (n, s, _), v in zip(outputs, views)]
+            chunks = None
+            for hf_name, data in views:
+                if isinstance(data, torch.Tensor):
+                    current.write(hf_name, data)
+                else:
+                    current.write_buffers(hf_name, *data)
                 left -= 1
                 if left == 0:
                     current.close()
                     current = next(writers, None)
                     left = len(current.entries) if current else 0
+            views = None
             bar.update(1)
         bar.close()
         index = write_index(tmp, shards, names)
@@ -239,17 +252,15 @@ def hf_to_mcore(out: str | Path, *, hf: Optional[str] = None, llama: Optional[st
     try:
         from megatron_emu.parallel.local_launch import run_local
 
-        counts = run_local(tp * pp, _save_rank, cfg, {k: str(v.source) for k, v in source.items()}, str(tmp),
-                           progress, cpu_only=True)
-        parts = sorted((tmp / "parts").iterdir())
-        stream_writer.merge_parts(parts, tmp)
-        (tmp / "parts").rmdir()
+        ranks = run_local(tp * pp, _save_rank, cfg, {k: str(v.source) for k, v in source.items()}, str(tmp),
+                          progress, cpu_only=True)
+        counts, written = [n for n, _ in ranks], ranks[0][1]  # the data files' checksums, as written
         meta = {"iteration": 0, "kind": "weights", "layout": {"tp": tp, "pp": pp, "vpp": None, "dp": 1},
                 "config": asdict(cfg)}
         (tmp / fmt.META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         if tokenizer_files.is_tokenizer_dir(tok):
             tokenizer_files.bundle(tok, tmp)
-        integrity.build(tmp)
+        integrity.build(tmp, known=written)
         _publish(tmp, Path(out))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -294,22 +305,17 @@ def _gather_needed(targets: dict) -> dict:
     return needed
 
 
-def _save_rank(rank: int, cfg, dirs: dict, out: str, progress: bool) -> int:
-    """Stream this rank's shard of the checkpoint into ``out/parts/``: the model is built on the
-    meta device, the inputs are checked against it from their headers, then each group of layers
-    is read, mapped, sliced and saved as one part (all ranks together)."""
+def _save_rank(rank: int, cfg, dirs: dict, out: str, progress: bool) -> tuple[int, dict]:
+    """Stream this rank's shard of the checkpoint into ``out``: the model is built on the meta
+    device, the inputs are checked against it from their headers, then each group of layers is
+    read, mapped, sliced and appended to this rank's data file (``stream_writer``). Returns the
+    number of tensors written and every data file's checksums."""
     from megatron_emu.checkpoint import stream_writer
     from megatron_emu.checkpoint.fresh_init import fresh_tensor
     from megatron_emu.checkpoint.hf_source import CanonicalSource, SourceError
     from megatron_emu.model.builder import build_model_chunks
     from megatron_emu.parallel.groups import init_distributed, init_model_parallel
 
-    from torch.utils.serialization import config as serialization
-
-    # The zip CRC-32 torch.save computes for every item costs a pass over the data that nothing
-    # reads (torch.load does not check it); checksums.json covers the files. This rank process
-    # (and the writer processes megatron-core forks from it) only.
-    serialization.save.compute_crc32 = False
     init_distributed()
     pgs = init_model_parallel(cfg)
     targets = stream_writer.rank_targets(build_model_chunks(cfg, pgs, meta=True))
@@ -321,26 +327,40 @@ def _save_rank(rank: int, cfg, dirs: dict, out: str, progress: bool) -> int:
     except SourceError as e:  # the same on every rank: all stop here, before writing
         raise ConversionError(str(e)) from None
     dtype = getattr(torch, cfg.model.params_dtype)
-    counts = {"decoder.layers.": cfg.model.lm.num_layers, "vision.blocks.layers.": cfg.model.vision.num_layers}
     bar = _progress(len(plan), "hf-to-mcore", progress and rank == 0, unit="group")
+    writer = stream_writer.DcpWriter(Path(out), rank)
     written = 0
-    for k, (groups, names) in enumerate(plan):
+    for groups, names in plan:
         local = [n for n in names if n in targets]
-        canon = source.canonical(groups) if any(n in source.given for n in local) else {}
-        filled = []
+        inputs, rows = source.rows(groups) if any(n in source.given for n in local) else ([], {})
+        canon = None
         for n in local:
-            full = canon.pop(n, None)
+            pending = [(sh, offsets) for sh, offsets, _ in targets[n]]
+            runs = rows.get(n)
+            if runs is not None and all(inputs[k].dtype == dtype and inputs[k].is_contiguous() for k, _, _ in runs):
+                rest = []  # whole-row regions are written straight from the inputs' mapped bytes
+                for sh, offsets in pending:
+                    if tuple(sh.data.shape[1:]) == tuple(needed[n][1:]):
+                        rows_of = row_gather.select_rows(runs, inputs, offsets[0], offsets[0] + sh.data.shape[0])
+                        writer.add_rows(sh, rows_of, dtype)
+                    else:
+                        rest.append((sh, offsets))
+                pending = rest
+            written += len(targets[n])
+            if not pending:
+                continue
+            if canon is None and n in source.given:
+                canon = source.canonical(groups)
+            full = canon.pop(n, None) if canon is not None else None
             if full is None:
                 full = fresh_tensor(n, needed[n], cfg)
             elif source.vocab_rows.get(n, needed[n][0]) < needed[n][0]:  # Emu2's added rows start fresh
-                rows = source.vocab_rows[n]
-                full[rows:] = fresh_tensor(n, needed[n], cfg, start_row=rows).to(full.dtype)
-            filled += [stream_writer.fill(sh, offsets, full, dtype) for sh, offsets, _ in targets[n]]
+                given = source.vocab_rows[n]
+                full[given:] = fresh_tensor(n, needed[n], cfg, start_row=given).to(full.dtype)
+            for sh, offsets in pending:
+                writer.add(sh, offsets, full, dtype)
             full = None
-        written += len(filled)
-        layers = {prefix: (i, counts[prefix]) for prefix, i in stream_writer.part_layers(names).items()}
-        stream_writer.save_part(Path(out) / "parts" / f"{k:05d}", filled, layers)
-        canon = filled = None  # nothing of this group outlives its part
+        canon = inputs = None  # nothing of this group outlives it
         bar.update(1)
     bar.close()
-    return written
+    return written, stream_writer.finish(writer)

@@ -17,6 +17,7 @@ import torch
 from megatron_emu.checkpoint import native_layout
 from megatron_emu.checkpoint.hf_mapping import HF_LM, IGNORED_HF_SUFFIX, VOCAB, Dims, find_hf, from_hf
 from megatron_emu.checkpoint.hf_reader import HFReader
+from megatron_emu.checkpoint.row_gather import row_ids, source_runs
 
 _HF_GROUP = re.compile(r"^(model\.visual\.blocks\.\d+\.|model\.decoder\.lm\.model\.layers\.\d+\.)")
 _OUR_GROUP = re.compile(r"^(vision\.blocks\.layers\.\d+\.|decoder\.layers\.\d+\.)")
@@ -124,11 +125,25 @@ class CanonicalSource:
                 hf[n] = self.readers[src].get(orig)
         return self._map(hf)
 
+    def rows(self, groups: list[str]) -> tuple[list[torch.Tensor], dict]:
+        """The input tensors of these HF groups (memory-mapped, not copied) and, per canonical
+        name, its rows as ``[(input index, start, stop)]`` in order, or ``None`` where rows are
+        made rather than selected (vocabulary padding, BAAI's zero k bias): ``from_hf`` applied
+        to tagged row numbers, so the layout logic is the same and no data moves."""
+        sources, ids = [], {}
+        for group in groups:
+            for n in self.groups[group]:
+                src, orig = self.where[n]
+                sources.append(self.readers[src].get(orig))
+                if sources[-1].dim() == 0:
+                    return sources, {}
+                ids[n] = row_ids(tuple(sources[-1].shape)) + (len(sources) << 32)
+        return sources, {n: source_runs(t) for n, t in self._map(ids).items()}
+
 
 def _coalesce(entries: list) -> list[tuple[list[str], list[str]]]:
     """Merge consecutive entries while their total stays within the largest one and the part
-    keeps at most one layer of each stack (``stream_writer`` writes a part's layer as a
-    one-layer stack)."""
+    keeps at most one layer of each stack (a group is one layer, or small tensors)."""
     limit = max((e[2] for e in entries), default=0)
     out: list = []
     size, stacks = 0, set()

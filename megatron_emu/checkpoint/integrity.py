@@ -117,13 +117,21 @@ def write(directory: Path, files: dict) -> None:
     os.replace(tmp, directory / MANIFEST)
 
 
-def build(directory: str | Path) -> None:
-    """Single process: checksum every file of a finished checkpoint directory (the converter)."""
+def build(directory: str | Path, known: Optional[dict] = None) -> None:
+    """Single process: checksum every file of a finished checkpoint directory (the converter);
+    ``known``: entries of files already checksummed (and fsynced) by their writer as they were
+    written, each checked to tile its file as ``.metadata`` addresses it, not read again."""
     from megatron_emu.checkpoint.safe_pickle import read_dcp_metadata
 
-    directory = Path(directory)
+    directory, known = Path(directory), dict(known or {})
     ranges = dcp_ranges(read_dcp_metadata(directory / ".metadata"))
-    write(directory, hash_files(directory, checkpoint_files(directory), ranges, sync=True))
+    for name, entry in known.items():
+        blocks = [(o, n) for o, n, _ in entry["blocks"]]
+        if os.path.getsize(directory / name) != entry["size"] or blocks != _tile(entry["size"], ranges.get(name, ())):
+            raise CheckpointFileError(f"{directory / name}: its writer's checksums do not match the file; "
+                                      f"convert again")
+    rest = [n for n in checkpoint_files(directory) if n not in known]
+    write(directory, {**known, **hash_files(directory, rest, ranges, sync=True)})
 
 
 @functools.lru_cache(maxsize=None)

@@ -36,8 +36,8 @@ class CheckpointReadError(ValueError):
 
 class CheckpointReader:
     def __init__(self, ckpt_dir: str | Path, verify: bool = True, reuse_buffers: bool = False):
-        from megatron_emu.checkpoint.dcp_reader import SafeFileSystemReader
         from megatron_emu.checkpoint.integrity import Manifest
+        from megatron_emu.checkpoint.safe_pickle import load_dcp_metadata
 
         self.dir = Path(ckpt_dir)
         # reuse_buffers: a tensor assembled from several chunks goes into a buffer kept per shape
@@ -53,7 +53,8 @@ class CheckpointReader:
             self.meta = json.loads(raw)
         except ValueError:
             raise CheckpointReadError(f"{meta_file}: not valid JSON") from None
-        metadata = SafeFileSystemReader(self.dir, self.manifest).read_metadata()
+        # Verified, unpickled by the allow-list unpickler into plain records (no torch.distributed).
+        metadata = load_dcp_metadata(self.manifest.read_bytes(".metadata"), self.dir / ".metadata", light=True)
         self.shapes: dict[str, torch.Size] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         self._chunks: dict[str, list] = defaultdict(list)
@@ -117,13 +118,11 @@ class CheckpointReader:
             self._buffers[key] = torch.empty(shape, dtype=dtype)
         return self._buffers[key]
 
-    def read(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
-        """The full tensor of ``key`` (or of its ``layer``), assembled from the stored chunks.
-        Each chunk is memory-mapped and verified in place (``dcp_item``); a chunk that is the
-        whole tensor is returned as it is, without a copy."""
-        shape = self.shape(key, layer)
-        out = None
-        filled = 0
+    def chunks(self, key: str, layer: Optional[int] = None) -> list[tuple[tuple, torch.Tensor]]:
+        """``[(offsets, chunk)]``: the stored chunks of ``key`` (or of its ``layer``, the layer
+        axis dropped), each memory-mapped and verified in place (``dcp_item``), not copied.
+        Raises CheckpointReadError unless they add up to the whole tensor."""
+        out, filled = [], 0
         for offsets, sizes, info in self._chunks[key]:
             if layer is not None and not offsets[0] <= layer < offsets[0] + sizes[0]:
                 continue
@@ -133,19 +132,30 @@ class CheckpointReader:
                 self.manifest.check_view(info.relative_path, f, info.offset, view)
             chunk = dcp_item.load_item(view, f"{self.dir / info.relative_path} ({key})")
             view = None
+            if tuple(chunk.shape) != tuple(sizes) or chunk.dtype != self.dtypes[key]:
+                raise CheckpointReadError(f"{self.dir / info.relative_path}: {key} at {tuple(offsets)} holds "
+                                          f"{chunk.dtype} {tuple(chunk.shape)}, .metadata says "
+                                          f"{self.dtypes[key]} {tuple(sizes)}; the file is damaged or crafted: "
+                                          f"restore it from a copy")
             if layer is not None:
                 chunk, offsets = chunk[layer - offsets[0]], offsets[1:]
-            if out is None and tuple(chunk.shape) == tuple(shape) and chunk.dtype == self.dtypes[key]:
-                out, filled = chunk, chunk.numel()  # the whole tensor in one chunk
-                continue
-            if out is None:
-                out = self._buffer(shape, self.dtypes[key], next((p for p in STACKED if key.startswith(p)), ""))
-            region = out[tuple(slice(o, o + s) for o, s in zip(offsets, chunk.shape))]
-            region.copy_(chunk)
+            out.append((tuple(offsets), chunk))
             filled += chunk.numel()
-        if out is None:
-            out = torch.empty(shape, dtype=self.dtypes[key])
-        if filled != out.numel():
+        numel = self.shape(key, layer).numel()
+        if filled != numel:
             raise CheckpointReadError(f"{self.dir}: {key}{'' if layer is None else f' layer {layer}'} "
-                                      f"is incomplete ({filled} of {out.numel()} elements)")
+                                      f"is incomplete ({filled} of {numel} elements)")
+        return out
+
+    def read(self, key: str, layer: Optional[int] = None, chunks: Optional[list] = None) -> torch.Tensor:
+        """The full tensor of ``key`` (or of its ``layer``), assembled from its ``chunks``
+        (read here unless given); a chunk that is the whole tensor is returned as it is."""
+        shape, dtype = self.shape(key, layer), self.dtypes[key]
+        chunks = self.chunks(key, layer) if chunks is None else chunks
+        if len(chunks) == 1 and tuple(chunks[0][1].shape) == tuple(shape) and chunks[0][1].dtype == dtype:
+            return chunks[0][1]  # the whole tensor in one chunk
+        out = self._buffer(shape, dtype, next((p for p in STACKED if key.startswith(p)), "")) if chunks else \
+            torch.empty(shape, dtype=dtype)
+        for offsets, chunk in chunks:
+            out[tuple(slice(o, o + s) for o, s in zip(offsets, chunk.shape))].copy_(chunk)
         return out

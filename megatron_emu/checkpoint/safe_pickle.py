@@ -55,14 +55,40 @@ def _refuse(where: Any, what: str) -> CheckpointFileError:
                                f"checkpoint (restore the file from a copy or use an earlier iteration)")
 
 
+class _Record:
+    """A plain stand-in for an allowed DCP or megatron-core class (``light`` reading): the
+    pickled fields as attributes, hashable by them (``MetadataIndex`` keys a dict); an enum
+    member is its ``value``. Reading ``.metadata`` this way needs neither ``torch.distributed``
+    (about 0.7 s of CPU to import) nor megatron-core."""
+
+    def __init__(self, *args: Any):
+        self.value = args[0] if args else None
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple):  # TensorProperties: (dtype, layout, requires_grad, format, pin)
+            state = dict(zip(("dtype", "layout", "requires_grad", "memory_format", "pin_memory"), state))
+        self.__dict__.update(state)
+
+    def __eq__(self, other: Any) -> bool:
+        return type(other) is type(self) and other.__dict__ == self.__dict__
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, *sorted(self.__dict__.items())))
+
+
+_RECORDS: dict[str, type] = {}
+
+
 class _MetadataUnpickler(pickle.Unpickler):
-    def __init__(self, file: BinaryIO, where: Any):
+    def __init__(self, file: BinaryIO, where: Any, light: bool = False):
         super().__init__(file)
-        self.where = where
+        self.where, self.light = where, light
 
     def find_class(self, module: str, name: str) -> Any:
         import torch
 
+        if (module, name) in ALLOWED and self.light and module.startswith((_DCP, "megatron")):
+            return _RECORDS.setdefault(name, type(name, (_Record,), {}))
         if (module, name) in ALLOWED:
             return super().find_class(module, name)
         if module == "torch" and name.isidentifier() and isinstance(getattr(torch, name, None), torch.dtype):
@@ -73,17 +99,21 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise _refuse(self.where, "refused a persistent id (not torch DCP metadata)")
 
 
-def load_dcp_metadata(data: bytes, where: Any):
-    """torch DCP ``Metadata`` from the bytes of a ``.metadata`` file (``where`` names it)."""
-    from torch.distributed.checkpoint.metadata import Metadata
-
+def load_dcp_metadata(data: bytes, where: Any, light: bool = False):
+    """torch DCP ``Metadata`` from the bytes of a ``.metadata`` file (``where`` names it);
+    ``light``: made of plain ``_Record`` stand-ins with the same fields (for reading only)."""
     try:
-        metadata = _MetadataUnpickler(io.BytesIO(data), where).load()
+        metadata = _MetadataUnpickler(io.BytesIO(data), where, light).load()
     except CheckpointFileError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated or garbled pickle: any error is "corrupt"
         raise _refuse(where, f"unreadable torch DCP metadata ({_detail(e)})") from None
-    if not isinstance(metadata, Metadata):
+    if light:
+        is_metadata = type(metadata) is _RECORDS.get("Metadata")
+    else:
+        from torch.distributed.checkpoint.metadata import Metadata
+        is_metadata = isinstance(metadata, Metadata)
+    if not is_metadata:
         raise _refuse(where, f"holds a {type(metadata).__name__}, not torch DCP metadata")
     for info in (getattr(metadata, "storage_data", None) or {}).values():
         name = getattr(info, "relative_path", "")

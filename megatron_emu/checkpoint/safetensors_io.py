@@ -61,23 +61,47 @@ class ShardWriter:
         header["__metadata__"] = {"format": "pt"}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self.file = open(self.path, "wb")
-        self.file.write(struct.pack("<Q", len(raw)) + raw)
+        self.file = open(self.path, "wb", buffering=0)
+        write_all(self.file.fileno(), [struct.pack("<Q", len(raw)) + raw])
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        exp_name, shape, dtype = self.entries[self.next]
-        if name != exp_name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-            raise RuntimeError(f"shard {self.path.name}: got {name} {tuple(tensor.shape)} {tensor.dtype}, "
-                               f"planned {exp_name} {tuple(shape)} {dtype}")
         data = tensor.detach().contiguous().cpu()
-        if data.numel():
-            self.file.write(data.reshape(-1).view(torch.uint8).numpy().data)  # no extra copy
+        self.write_buffers(name, tuple(data.shape), data.dtype,
+                           [data.reshape(-1).view(torch.uint8).numpy().data] if data.numel() else [])
+
+    def write_buffers(self, name: str, shape: tuple, dtype: torch.dtype, buffers: list) -> None:
+        """The next planned tensor as the concatenation of ``buffers`` (its bytes, in order;
+        written as they are, without joining them first)."""
+        exp_name, exp_shape, exp_dtype = self.entries[self.next]
+        size = sum(memoryview(b).nbytes for b in buffers)
+        if name != exp_name or tuple(shape) != tuple(exp_shape) or dtype != exp_dtype or \
+                size != nbytes(exp_shape, exp_dtype):
+            raise RuntimeError(f"shard {self.path.name}: got {name} {tuple(shape)} {dtype} ({size} bytes), "
+                               f"planned {exp_name} {tuple(exp_shape)} {exp_dtype}")
+        write_all(self.file.fileno(), buffers)
         self.next += 1
 
     def close(self) -> None:
         if self.next != len(self.entries):
             raise RuntimeError(f"shard {self.path.name}: {len(self.entries) - self.next} tensors never written")
         self.file.close()
+
+
+def write_all(fd: int, buffers: list) -> None:
+    """``os.writev`` of every byte of ``buffers`` (at most ``IOV_MAX`` at a time; short writes
+    resumed)."""
+    import os
+
+    pending = [memoryview(b).cast("B") for b in buffers if memoryview(b).nbytes]
+    while pending:
+        batch = pending[:1024]  # IOV_MAX on Linux
+        done = os.writev(fd, batch)
+        del pending[:len(batch)]
+        for i, b in enumerate(batch):  # a short write: put back what was not written
+            if done < b.nbytes:
+                pending[:0] = [b[done:]] + batch[i + 1:]
+                break
+            done -= b.nbytes
 
 
 def write_index(directory: Path, shards: list[list], names: list[str]) -> dict:

@@ -1,44 +1,39 @@
-"""Write a megatron-core (torch_dist) checkpoint one layer group at a time.
+"""Write a megatron-core (torch_dist) checkpoint one layer group at a time, without holding it.
 
 megatron-core's ``dist_checkpointing.save`` writes a whole state dict at once, so a converter
-that calls it once must hold every tensor of its shard. Here each rank builds its model chunks
-on the ``meta`` device (no memory; the sharded state dict still knows every key, global shape,
-TP/PP offset and replica id), then, part by part, fills real tensors for one group of layers
-and saves just those with megatron-core into ``parts/NNNN/``. A part holds at most one layer of
-each stacked key (``decoder.layers.*``, ``vision.blocks.layers.*``), saved as a one-layer stack
-so that every part is a complete checkpoint by itself (megatron-core checks its access
-integrity; it also cannot describe a partial stack on a single rank). ``merge_parts`` then
-joins the parts into one checkpoint: the parts' ``.distcp`` files are moved into it under names
-of their own (each item is addressed by file, offset and length, so only the file names change:
-no data is copied), the torch DCP ``.metadata`` of the parts is merged with each layer put
-back at its index, and every tensor is checked to
-be covered exactly by its chunks. The result is what one
-``dist_checkpointing.save`` at the same layout would have written, without ``_extra_state``
-objects (``checkpointing.load_weights`` accepts their absence).
+that calls it must hold every tensor of its shard. Here each rank builds its model chunks on the
+``meta`` device (no memory; the sharded state dict still knows every key, global shape, TP/PP
+offset and replica id: ``rank_targets``), then, group by group, fills real tensors and appends
+each main-replica region as one torch DCP item (a ``torch.save`` archive, as DCP's own writer
+stores it) to this rank's single data file ``__<rank>_0.distcp`` (``DcpWriter``). The CRC-32 of
+every item is taken from the bytes as they are written (no second read for ``checksums.json``).
+``finish`` then gathers every rank's items and writes the torch DCP ``.metadata`` megatron-core
+would have written for the same sharded state dict (``tests/conversion/test_stream.py`` holds the
+two equal), with every tensor checked to be covered exactly by its chunks, plus megatron-core's
+``metadata.json`` and an empty ``common.pt``; ``_extra_state`` objects are left out
+(``checkpointing.load_weights`` accepts their absence).
 
 Peak memory per rank: one group's input tensors, their canonical form and this rank's slices.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
 import pickle
-import shutil
+import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from megatron_emu.checkpoint.reader import RENAMES as _RENAMES, STACKED
+from megatron_emu.checkpoint.safetensors_io import write_all
 
-
-LAYERS_FILE = "layers.json"
 
 
 class MergeError(RuntimeError):
-    """The parts do not add up to a complete checkpoint (a bug, not bad input)."""
+    """The ranks' items do not add up to a complete checkpoint (a bug, not bad input)."""
 
 
 def rank_targets(chunks: list) -> dict[str, list]:
@@ -65,147 +60,145 @@ def rank_targets(chunks: list) -> dict[str, list]:
     return targets
 
 
-def part_layers(names: list[str]) -> dict[str, int]:
-    """Stacked-key prefix -> the one layer index a part's canonical names hold of it."""
-    out: dict[str, int] = {}
-    for n in names:
-        for prefix in STACKED:
-            if n.startswith(prefix):
-                i = int(n[len(prefix):].split(".", 1)[0])
-                if out.setdefault(prefix, i) != i:
-                    raise ValueError(f"a part holds layers {out[prefix]} and {i} of {prefix}*")
-    return out
-
-
-def fill(target, offsets: tuple, full: torch.Tensor, dtype: torch.dtype):
-    """A copy of ``target`` (a meta ShardedTensor) holding its region of the canonical ``full``
-    tensor as its own, contiguous storage (so only the region is written): a view of ``full``'s
-    bytes when the region is contiguous and of the right dtype, else a copy. A stacked key's
-    tensor is addressed as a one-layer stack (its part is then complete on its own; the merge
-    puts the layer back at its index)."""
+def fill(target, offsets: tuple, full: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The data of ``target`` (a meta ShardedTensor): its region of the canonical ``full``
+    tensor with its own, contiguous storage of exactly the region's bytes (``torch.save``
+    writes a tensor's whole storage), shaped as stored (a stacked key's leading layer axis
+    prepended). A view of ``full``'s bytes when the region is contiguous and of the right dtype,
+    else a copy."""
     region = full[tuple(slice(o, o + n) for o, n in zip(offsets, target.data.shape))]
     if region.dtype == dtype and region.is_contiguous():
-        # A storage of exactly the region's bytes, sharing them (torch.save writes a tensor's
-        # whole storage): the region is saved as it is, without a copy.
         start = region.storage_offset() * region.element_size()
         storage = region.untyped_storage()[start:start + region.nbytes]
         data = torch.empty(0, dtype=dtype).set_(storage, 0, region.shape, region.stride())
     else:
         data = region.to(dtype=dtype, copy=True).contiguous()
-    if target.prepend_axis_num:
-        return dataclasses.replace(target, data=data, global_shape=(1, *target.global_shape[1:]),
-                                   global_offset=(0, *target.global_offset[1:]),
-                                   axis_fragmentations=(1, *target.axis_fragmentations[1:]))
-    return dataclasses.replace(target, data=data)
+    return data.view((1,) * target.prepend_axis_num + tuple(data.shape))
 
 
-def save_part(part_dir: Path, tensors: list, layers: dict[str, tuple[int, int]]) -> None:
-    """Collective: every rank saves its (possibly empty) list of filled ShardedTensors;
-    ``layers``: stacked-key prefix -> (layer index, layer count) of this part, for the merge."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+class _CrcFile:
+    """The data file, written through: every byte also goes into the current item's CRC-32.
+    ``substitute``: ``(address, size, buffers)``: the write of those ``size`` bytes at that
+    address (a placeholder tensor's storage, never touched) writes ``buffers`` instead."""
 
+    def __init__(self, path: Path):
+        from megatron_emu.checkpoint.integrity import crc32
+
+        self.file, self.crc32, self.crc, self.pos = open(path, "wb"), crc32, 0, 0
+        self.substitute = None
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        if self.substitute and view.nbytes == self.substitute[1] and \
+                np.frombuffer(view, dtype=np.uint8).ctypes.data == self.substitute[0]:
+            buffers, self.substitute = self.substitute[2], None
+            self.file.flush()
+            write_all(self.file.fileno(), buffers)
+        else:
+            self.file.write(view)
+            buffers = [view]
+        # The CRC of the same bytes, taken after they are written.
+        for b in buffers:
+            self.crc = self.crc32(b, self.crc)
+        self.pos += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.pos
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+class DcpWriter:
+    """This rank's data file: ``add`` / ``add_rows`` append one DCP item per main-replica target."""
+
+    def __init__(self, out: Path, rank: int):
+        from torch.utils.serialization import config as serialization
+
+        # The zip CRC-32 torch.save computes for every item costs a pass over the data that
+        # nothing reads (torch.load does not check it; checksums.json covers the files), and it
+        # would read add_rows' placeholders. This (converter rank) process only.
+        serialization.save.compute_crc32 = False
+        self.name = f"__{rank}_0.distcp"
+        self.out, self.stream = Path(out), _CrcFile(Path(out) / self.name)
+        self.items: list[tuple] = []  # (key, global shape, dtype, offsets, sizes, start, length, crc)
+
+    def add(self, target, offsets: tuple, full: torch.Tensor, dtype: torch.dtype) -> None:
+        """Write ``target``'s region of ``full`` (nothing for a replica another rank writes)."""
+        self._save(target, lambda: fill(target, offsets, full, dtype))
+
+    def add_rows(self, target, buffers: list, dtype: torch.dtype) -> None:
+        """Write ``target`` given as the bytes of its data in pieces (``buffers``, in order):
+        ``torch.save`` writes a placeholder of its shape whose storage, never touched, is
+        replaced by the pieces as it is written (nothing is joined or copied first)."""
+        def placeholder():
+            data = torch.empty((1,) * target.prepend_axis_num + tuple(target.data.shape), dtype=dtype)
+            if sum(memoryview(b).nbytes for b in buffers) != data.nbytes:
+                raise MergeError(f"{target.key}: {data.nbytes} bytes expected from the pieces")
+            if data.nbytes:
+                self.stream.substitute = (data.data_ptr(), data.nbytes, buffers)
+            return data
+        self._save(target, placeholder)
+        if self.stream.substitute is not None:
+            raise MergeError(f"{target.key}: torch.save did not write the placeholder's storage at once")
+
+    def _save(self, target, data) -> None:
+        from megatron.core.dist_checkpointing.mapping import is_main_replica
+
+        if not is_main_replica(target.replica_id):
+            return
+        data = data()
+        start, self.stream.crc = self.stream.tell(), 0
+        torch.save(data, self.stream)
+        self.items.append((target.key, tuple(target.global_shape), data.dtype, tuple(target.global_offset),
+                           tuple(data.shape), start, self.stream.tell() - start, self.stream.crc))
+
+    def close(self) -> dict:
+        """Flush and fsync the data file; returns its ``checksums.json`` entry (one block per item)."""
+        self.stream.flush()
+        os.fsync(self.stream.file.fileno())
+        self.stream.file.close()
+        return {self.name: {"size": self.stream.tell(), "blocks": [[i[5], i[6], i[7]] for i in self.items]}}
+
+
+def finish(writer: DcpWriter) -> dict:
+    """Collective: close every rank's writer, then rank 0 writes ``.metadata``, ``metadata.json``
+    and ``common.pt``. Returns every data file's ``checksums.json`` entry (on every rank)."""
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
+                                                       TensorProperties, TensorStorageMetadata)
+
+    entry = writer.close()
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, (writer.name, writer.items, entry))
     if torch.distributed.get_rank() == 0:
-        part_dir.mkdir(parents=True, exist_ok=False)
+        tensors, storage = {}, {}
+        for name, items, _ in gathered:
+            for key, size, dtype, offsets, sizes, start, length, _crc in items:
+                tmd = tensors.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(size),
+                                                                    []))
+                if tuple(tmd.size) != size or tmd.properties.dtype != dtype:
+                    raise MergeError(f"{key}: ranks disagree on shape/dtype ({tuple(tmd.size)} vs {size})")
+                tmd.chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
+                index = MetadataIndex(key, torch.Size(offsets))
+                if index in storage:
+                    raise MergeError(f"{key} at {offsets} is written twice")
+                storage[index] = _StorageInfo(name, start, length)
+        check_coverage(tensors)
+        metadata = Metadata(tensors, storage_data=storage, version="1.0.0",
+                            storage_meta=StorageMeta(checkpoint_id=str(writer.out), save_id=str(uuid.uuid4())))
+        tmp = writer.out / ".metadata.tmp"
+        with open(tmp, "wb") as f:  # torch DCP's own metadata format (FileSystemWriter.finish)
+            pickle.dump(metadata, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, writer.out / ".metadata")
+        save_config(CheckpointingConfig("torch_dist"), str(writer.out))
+        torch.save({}, writer.out / "common.pt")  # the common state: every entry here is sharded
     torch.distributed.barrier()
-    # One writer (megatron-core forks a process per writer for every save): one file per rank.
-    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
-    dist_checkpointing.save({f"t{i}": sh for i, sh in enumerate(tensors)}, str(part_dir), sharded_strategy=strategy)
-    if torch.distributed.get_rank() == 0:
-        (part_dir / LAYERS_FILE).write_text(json.dumps(layers))
-    torch.distributed.barrier()
-
-
-def _move(src: Path, out: Path, part: int) -> str:
-    """Move a part's data file ``__<rank>_<n>.distcp`` into ``out`` under a name of its own
-    (``__<rank>_<part>[_<n>].distcp``: the writing rank stays the prefix); returns the name.
-    A rename: the data is never copied."""
-    rank, _, n = src.stem[2:].partition("_")
-    name = f"__{rank}_{part}.distcp" if n in ("", "0") else f"__{rank}_{part}_{n}.distcp"
-    os.replace(src, out / name)
-    return name
-
-
-def merge_parts(parts: list[Path], out: Path) -> dict:
-    """Join the part checkpoints (in order) into ``out``; returns ``{key: global shape}``.
-    Removes the parts."""
-    from megatron_emu.checkpoint.safe_pickle import read_dcp_metadata
-
-    out.mkdir(parents=True, exist_ok=True)
-    tensors: dict = {}
-    storage: dict = {}
-    planner: dict = {}
-    extras: dict = {}  # e.g. megatron-core's ``mcore_data``, when a version sets it
-    first = None
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    fields = {f.name for f in dataclasses.fields(Metadata)}
-    for k, part in enumerate(parts):
-        md = read_dcp_metadata(part / ".metadata")  # written just now by save_part
-        first = first or md
-        moved = {f.name: _move(f, out, k) for f in sorted(part.glob("*.distcp"))}
-        layers = json.loads((part / LAYERS_FILE).read_text())
-
-        def placed(key: str, offsets) -> torch.Size:  # a one-layer stack -> its layer's offsets
-            prefix = next((p for p in STACKED if key.startswith(p)), None)
-            if prefix is None:
-                return torch.Size(offsets)
-            return torch.Size((offsets[0] + layers[prefix][0], *offsets[1:]))
-
-        repeated = set()  # non-tensor entries (megatron-core >= 0.17 keeps its common state in
-        # the DCP files as bytes): every part writes the same one; the first part's is kept
-        for key, tmd in md.state_dict_metadata.items():
-            if not hasattr(tmd, "chunks"):
-                if key in tensors:
-                    repeated.add(key)
-                else:
-                    tensors[key] = tmd
-                continue
-            prefix = next((p for p in STACKED if key.startswith(p)), None)
-            size = torch.Size((layers[prefix][1], *tmd.size[1:])) if prefix else tmd.size
-            tmd = dataclasses.replace(tmd, size=size, chunks=[
-                dataclasses.replace(c, offsets=placed(key, c.offsets)) for c in tmd.chunks])
-            if key not in tensors:
-                tensors[key] = tmd
-                continue
-            have = tensors[key]
-            if tuple(have.size) != tuple(tmd.size) or have.properties.dtype != tmd.properties.dtype:
-                raise MergeError(f"{key}: parts disagree on shape/dtype ({have.size} vs {tmd.size})")
-            have.chunks.extend(tmd.chunks)
-        for index, info in md.storage_data.items():
-            if index.fqn in repeated:
-                continue
-            if index.offset is not None:
-                index = dataclasses.replace(index, offset=placed(index.fqn, index.offset))
-            if index in storage:
-                raise MergeError(f"{index.fqn} at {tuple(index.offset)} is written by two parts")
-            storage[index] = dataclasses.replace(info, relative_path=moved[info.relative_path])
-        if isinstance(md.planner_data, dict):
-            planner.update(md.planner_data)
-        for attr, value in vars(md).items():  # attributes set beside the dataclass fields
-            if attr not in fields and isinstance(value, dict):
-                extras.setdefault(attr, {}).update(value)
-            elif attr not in fields:
-                extras.setdefault(attr, value)
-    if first is None:
-        raise MergeError("no parts to merge")
-    check_coverage(tensors)
-    merged = dataclasses.replace(first, state_dict_metadata=tensors, storage_data=storage,
-                                 planner_data=planner if isinstance(first.planner_data, dict) else first.planner_data)
-    for attr, value in extras.items():
-        setattr(merged, attr, value)
-    tmp = out / ".metadata.tmp"
-    with open(tmp, "wb") as f:  # torch DCP's own metadata format (FileSystemWriter.finish)
-        pickle.dump(merged, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / ".metadata")
-    for name in ("metadata.json", "common.pt"):
-        if (parts[0] / name).is_file():
-            shutil.copy2(parts[0] / name, out / name)
-    for part in parts:
-        shutil.rmtree(part, ignore_errors=True)
-    return {k: tuple(v.size) for k, v in tensors.items() if hasattr(v, "chunks")}
+    return {k: v for _, _, e in gathered for k, v in e.items()}
 
 
 def check_coverage(tensors: dict) -> None:

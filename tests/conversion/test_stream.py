@@ -1,8 +1,10 @@
-"""The streaming hf-to-mcore writer: fresh initialisation rules against the model's own, part
-merging (complete parts load exactly, an incomplete set is refused), and the work plan's bound."""
+"""The streaming hf-to-mcore writer: fresh initialisation rules against the model's own, the
+direct DCP writer against megatron-core's own save (same metadata, loads there exactly, its
+checksums are the files'), coverage checks, and the work plan's bound."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from megatron_emu.checkpoint.fresh_init import fresh_tensor
-from megatron_emu.checkpoint.stream_writer import MergeError, merge_parts
+from megatron_emu.checkpoint.stream_writer import MergeError, check_coverage
 from tests.helpers.dist import run_ranks
 from tests.helpers.tiny import tiny_config
 
@@ -44,48 +46,76 @@ def test_fresh_init_follows_the_models_initialisation():
     assert torch.equal(fresh_tensor(name, (8, 4), cfg), fresh_tensor(name, (8, 4), cfg))
 
 
-def _save_layer_parts(rank: int, root: str, layers: list) -> None:
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    from megatron_emu.checkpoint.stream_writer import fill, save_part
-    from megatron_emu.parallel.groups import init_distributed
-
-    init_distributed()
-    for k, t in enumerate(layers):  # a stacked key: one layer per part, as the converter writes
-        sh = ShardedTensor.from_rank_offsets("decoder.layers.w", torch.empty_like(t, device="meta"),
-                                             (0, k, len(layers)), replica_id=0, prepend_axis_num=1)
-        save_part(Path(root) / "parts" / f"{k:05d}", [fill(sh, (0, 0), t, t.dtype)],
-                  {"decoder.layers.": (k, len(layers))})
-
-
-def _load_stacked(rank: int, ckpt: str, shape: tuple) -> torch.Tensor:
+def _save_both_ways(rank: int, cfg, root: str) -> dict:
+    """The model's sharded tensors saved by megatron-core (``ref``) and by the converter's
+    direct writer (``ours``); ``ours`` is then loaded back through megatron-core."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    from megatron_emu.checkpoint.stream_writer import DcpWriter, finish, rank_targets
     from megatron_emu.parallel.groups import init_distributed
+    from megatron_emu.training import build
 
     init_distributed()
-    n = shape[0]  # requested the way a model asks for a stacked key: one tensor per layer
-    request = {f"w{k}": ShardedTensor.from_rank_offsets("decoder.layers.w", torch.zeros(shape[1:]), (0, k, n),
-                                                         replica_id=0, prepend_axis_num=1) for k in range(n)}
-    state = dist_checkpointing.load(request, ckpt)
-    return torch.stack([state[f"w{k}"] for k in range(n)])
+    chunks = build.model_chunks(cfg, build.process_groups(cfg))
+    targets = [(sh, offsets, shape) for lst in rank_targets(chunks).values() for sh, offsets, shape in lst]
+    ref, ours = Path(root) / "ref", Path(root) / "ours"
+    if rank == 0:
+        ref.mkdir(), ours.mkdir()
+    torch.distributed.barrier()
+    writer = DcpWriter(ours, rank)
+    for sh, offsets, shape in targets:
+        full = torch.zeros(shape, dtype=sh.data.dtype)  # the canonical tensor, holding this shard
+        full[tuple(slice(o, o + n) for o, n in zip(offsets, sh.data.shape))] = sh.data
+        writer.add(sh, offsets, full, sh.data.dtype)
+    written = finish(writer)
+    request = {f"t{i}": dataclasses.replace(sh, data=torch.zeros_like(sh.data)) for i, (sh, _, _) in enumerate(targets)}
+    expected = [sh.data.clone() for sh, _, _ in targets]
+    dist_checkpointing.save({f"t{i}": sh for i, (sh, _, _) in enumerate(targets)}, str(ref))  # (reshapes sh.data)
+    loaded = dist_checkpointing.load(request, str(ours))
+    assert all(torch.equal(loaded[f"t{i}"], t) for i, t in enumerate(expected))
+    return written
 
 
-def test_merged_parts_load_exactly_and_incomplete_parts_are_refused(tmp_path):
-    layers = [torch.randn(6, 5) for _ in range(3)]
-    run_ranks(1, _save_layer_parts, str(tmp_path / "a"), layers)
-    merge_parts(sorted((tmp_path / "a" / "parts").iterdir()), tmp_path / "a" / "ckpt")
-    assert not (tmp_path / "a" / "parts" / "00000").exists()
-    files = sorted(p.name for p in (tmp_path / "a" / "ckpt").glob("*.distcp"))
-    assert files and all(p.startswith("__0_") for p in files)  # moved in, named by the writing rank
-    loaded = run_ranks(1, _load_stacked, str(tmp_path / "a" / "ckpt"), (3, 6, 5))[0]
-    assert torch.equal(loaded, torch.stack(layers))
+def _layout(path: Path) -> tuple:
+    from megatron_emu.checkpoint.safe_pickle import read_dcp_metadata
 
-    run_ranks(1, _save_layer_parts, str(tmp_path / "b"), layers)
-    parts = sorted((tmp_path / "b" / "parts").iterdir())
+    md = read_dcp_metadata(path / ".metadata")
+    tensors = {k: (tuple(v.size), v.properties, sorted((tuple(c.offsets), tuple(c.sizes)) for c in v.chunks))
+               for k, v in md.state_dict_metadata.items()}
+    return tensors, sorted((i.fqn, tuple(i.offset), i.index) for i in md.storage_data), md.version
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_direct_writer_writes_the_metadata_megatron_core_writes_and_loads_there(tmp_path, tp):
+    from megatron_emu.checkpoint import integrity
+
+    cfg = tiny_config(tp=tp, sp=tp > 1)
+    written = run_ranks(tp, _save_both_ways, cfg, str(tmp_path))[0]
+    ref, ours = _layout(tmp_path / "ref"), _layout(tmp_path / "ours")
+    assert ours == ref and len(ref[0]) > 20
+    for name in ("metadata.json", "common.pt"):
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "ours").glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(tp)]
+    # The checksums taken as the items were written are those of the files.
+    integrity.build(tmp_path / "ours", known=written)
+    manifest = integrity.Manifest(tmp_path / "ours")
+    for name, entry in written.items():
+        assert entry == integrity.hash_file(tmp_path / "ours" / name, [(o, n) for o, n, _ in entry["blocks"]])
+        assert manifest.files[name] == {"size": entry["size"], "blocks": [tuple(b) for b in entry["blocks"]]}
+
+
+def test_chunks_that_do_not_cover_a_tensor_are_refused():
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorProperties, TensorStorageMetadata
+
+    def tensor(*chunks):
+        return {"w": TensorStorageMetadata(TensorProperties(), torch.Size((4, 2)),
+                                           [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in chunks])}
+
+    check_coverage(tensor(((0, 0), (2, 2)), ((2, 0), (2, 2))))
     with pytest.raises(MergeError, match="cover"):
-        merge_parts(parts[:2], tmp_path / "b" / "ckpt")
+        check_coverage(tensor(((0, 0), (2, 2))))
+    with pytest.raises(MergeError, match="overlaps"):
+        check_coverage(tensor(((0, 0), (2, 2)), ((3, 0), (2, 2))))
 
 
 def _plan(rank: int, cfg, llama: str) -> tuple:
