@@ -6,7 +6,8 @@
 * ``hf_to_mcore``: an HF Emu2 directory, or a LLaMA directory (+ optionally an EVA vision
   tower) with everything else initialised fresh (``fresh_init.py``), -> a megatron_emu checkpoint
   (weights only) at the requested TP/PP layout; ``megatron-emu-train --set checkpoint.load=DIR``
-  loads it at any layout. Streams too: each rank's model exists only on the meta device; one
+  loads it at any layout. Streams too: each rank's sharded layout is derived from the config
+  (``layout.py``; no model is built, megatron-core is not needed); one
   group of layers at a time is read (``hf_source.py``), sliced and appended to the rank's data
   file as torch DCP items, and rank 0 writes the checkpoint's metadata (``stream_writer.py``).
 
@@ -253,7 +254,7 @@ def hf_to_mcore(out: str | Path, *, hf: Optional[str] = None, llama: Optional[st
         from megatron_emu.parallel.local_launch import run_local
 
         ranks = run_local(tp * pp, _save_rank, cfg, {k: str(v.source) for k, v in source.items()}, str(tmp),
-                          progress, cpu_only=True)
+                          progress, cpu_only=True, megatron=False)
         counts, written = [n for n, _ in ranks], ranks[0][1]  # the data files' checksums, as written
         meta = {"iteration": 0, "kind": "weights", "layout": {"tp": tp, "pp": pp, "vpp": None, "dp": 1},
                 "config": asdict(cfg)}
@@ -294,32 +295,20 @@ def config_from_hf(hf: str, extra: list[str] = ()):
                                                "params_dtype": "float32"}}, sets))
 
 
-def _gather_needed(targets: dict) -> dict:
-    """Canonical name -> full shape over every rank's model chunks (the same dict on all ranks)."""
-    local = {name: lst[0][2] for name, lst in targets.items()}
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, local)
-    needed: dict = {}
-    for d in gathered:
-        needed.update(d)
-    return needed
-
-
 def _save_rank(rank: int, cfg, dirs: dict, out: str, progress: bool) -> tuple[int, dict]:
-    """Stream this rank's shard of the checkpoint into ``out``: the model is built on the meta
-    device, the inputs are checked against it from their headers, then each group of layers is
-    read, mapped, sliced and appended to this rank's data file (``stream_writer``). Returns the
-    number of tensors written and every data file's checksums."""
-    from megatron_emu.checkpoint import stream_writer
+    """Stream this rank's shard of the checkpoint into ``out``: its sharded layout is derived
+    from the config (``layout``: no megatron-core, no model), the inputs are checked against it
+    from their headers, then each group of layers is read, mapped, sliced and appended to this
+    rank's data file (``stream_writer``). Returns the number of tensors written and every data
+    file's checksums. One rank needs no process group (it runs in the caller's process)."""
+    from megatron_emu.checkpoint import layout, stream_writer
     from megatron_emu.checkpoint.fresh_init import fresh_tensor
     from megatron_emu.checkpoint.hf_source import CanonicalSource, SourceError
-    from megatron_emu.model.builder import build_model_chunks
-    from megatron_emu.parallel.groups import init_distributed, init_model_parallel
 
-    init_distributed()
-    pgs = init_model_parallel(cfg)
-    targets = stream_writer.rank_targets(build_model_chunks(cfg, pgs, meta=True))
-    needed = _gather_needed(targets)
+    if cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size > 1:
+        torch.distributed.init_process_group("gloo")  # env:// (run_local sets it)
+    needed = layout.full_shapes(cfg)
+    targets = layout.rank_targets(cfg, rank, needed)
     required = ("",) if "" in dirs else LM_PREFIXES + (("vision.",) if "vision" in dirs else ())
     try:
         source = CanonicalSource(dirs, Dims.from_config(cfg))
@@ -335,13 +324,13 @@ def _save_rank(rank: int, cfg, dirs: dict, out: str, progress: bool) -> tuple[in
         inputs, rows = source.rows(groups) if any(n in source.given for n in local) else ([], {})
         canon = None
         for n in local:
-            pending = [(sh, offsets) for sh, offsets, _ in targets[n]]
+            pending = [(sh, sh.offsets) for sh in targets[n]]
             runs = rows.get(n)
             if runs is not None and all(inputs[k].dtype == dtype and inputs[k].is_contiguous() for k, _, _ in runs):
                 rest = []  # whole-row regions are written straight from the inputs' mapped bytes
                 for sh, offsets in pending:
-                    if tuple(sh.data.shape[1:]) == tuple(needed[n][1:]):
-                        rows_of = row_gather.select_rows(runs, inputs, offsets[0], offsets[0] + sh.data.shape[0])
+                    if tuple(sh.shape[1:]) == tuple(needed[n][1:]):
+                        rows_of = row_gather.select_rows(runs, inputs, offsets[0], offsets[0] + sh.shape[0])
                         writer.add_rows(sh, rows_of, dtype)
                     else:
                         rest.append((sh, offsets))

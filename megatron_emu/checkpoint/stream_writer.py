@@ -1,9 +1,9 @@
 """Write a megatron-core (torch_dist) checkpoint one layer group at a time, without holding it.
 
 megatron-core's ``dist_checkpointing.save`` writes a whole state dict at once, so a converter
-that calls it must hold every tensor of its shard. Here each rank builds its model chunks on the
-``meta`` device (no memory; the sharded state dict still knows every key, global shape, TP/PP
-offset and replica id: ``rank_targets``), then, group by group, fills real tensors and appends
+that calls it must hold every tensor of its shard. Here each rank knows, from the config alone,
+every key, global shape, TP/PP offset and replica it stores (``layout.rank_targets``: neither
+megatron-core nor the model is needed), then, group by group, fills real tensors and appends
 each main-replica region as one torch DCP item (a ``torch.save`` archive, as DCP's own writer
 stores it) to this rank's single data file ``__<rank>_0.distcp`` (``DcpWriter``). The CRC-32 of
 every item is taken from the bytes as they are written (no second read for ``checksums.json``).
@@ -18,6 +18,7 @@ Peak memory per rank: one group's input tensors, their canonical form and this r
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -27,46 +28,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_emu.checkpoint.reader import RENAMES as _RENAMES, STACKED
 from megatron_emu.checkpoint.safetensors_io import write_all
 
+# megatron-core's ``metadata.json`` (``dist_checkpointing.core.CheckpointingConfig("torch_dist")``).
+MCORE_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+                "common_backend_version": 1}
 
 
 class MergeError(RuntimeError):
     """The ranks' items do not add up to a complete checkpoint (a bug, not bad input)."""
 
 
-def rank_targets(chunks: list) -> dict[str, list]:
-    """Canonical tensor name -> this rank's ShardedTensors that store part of it, each with its
-    offsets and the full shape within the canonical (unstacked) tensor:
-    ``{name: [(ShardedTensor, offsets, shape), ...]}``. ``_extra_state`` objects are left out.
-    SwiGLU's fc1 factory becomes its two stored halves (gate and up rows)."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-
-    sharded = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-    apply_factories(sharded)
-    targets: dict[str, list] = {}
-    for sh in nested_values(sharded):
-        if not isinstance(sh, ShardedTensor) or "_extra_state" in sh.key:
-            continue
-        if sh.prepend_axis_num:
-            prefix = next(p for p in STACKED if sh.key.startswith(p))
-            rest = sh.key[len(prefix):]
-            name = f"{prefix}{sh.global_offset[0]}.{_RENAMES.get(rest, rest)}"
-            targets.setdefault(name, []).append((sh, tuple(sh.global_offset[1:]), tuple(sh.global_shape[1:])))
-        else:
-            targets.setdefault(sh.key, []).append((sh, tuple(sh.global_offset), tuple(sh.global_shape)))
-    return targets
-
-
 def fill(target, offsets: tuple, full: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The data of ``target`` (a meta ShardedTensor): its region of the canonical ``full``
+    """The data of ``target`` (a ``layout.Target``): its region of the canonical ``full``
     tensor with its own, contiguous storage of exactly the region's bytes (``torch.save``
     writes a tensor's whole storage), shaped as stored (a stacked key's leading layer axis
     prepended). A view of ``full``'s bytes when the region is contiguous and of the right dtype,
     else a copy."""
-    region = full[tuple(slice(o, o + n) for o, n in zip(offsets, target.data.shape))]
+    region = full[tuple(slice(o, o + n) for o, n in zip(offsets, target.shape))]
     if region.dtype == dtype and region.is_contiguous():
         start = region.storage_offset() * region.element_size()
         storage = region.untyped_storage()[start:start + region.nbytes]
@@ -114,12 +93,6 @@ class DcpWriter:
     """This rank's data file: ``add`` / ``add_rows`` append one DCP item per main-replica target."""
 
     def __init__(self, out: Path, rank: int):
-        from torch.utils.serialization import config as serialization
-
-        # The zip CRC-32 torch.save computes for every item costs a pass over the data that
-        # nothing reads (torch.load does not check it; checksums.json covers the files), and it
-        # would read add_rows' placeholders. This (converter rank) process only.
-        serialization.save.compute_crc32 = False
         self.name = f"__{rank}_0.distcp"
         self.out, self.stream = Path(out), _CrcFile(Path(out) / self.name)
         self.items: list[tuple] = []  # (key, global shape, dtype, offsets, sizes, start, length, crc)
@@ -133,7 +106,7 @@ class DcpWriter:
         ``torch.save`` writes a placeholder of its shape whose storage, never touched, is
         replaced by the pieces as it is written (nothing is joined or copied first)."""
         def placeholder():
-            data = torch.empty((1,) * target.prepend_axis_num + tuple(target.data.shape), dtype=dtype)
+            data = torch.empty((1,) * target.prepend_axis_num + tuple(target.shape), dtype=dtype)
             if sum(memoryview(b).nbytes for b in buffers) != data.nbytes:
                 raise MergeError(f"{target.key}: {data.nbytes} bytes expected from the pieces")
             if data.nbytes:
@@ -144,13 +117,20 @@ class DcpWriter:
             raise MergeError(f"{target.key}: torch.save did not write the placeholder's storage at once")
 
     def _save(self, target, data) -> None:
-        from megatron.core.dist_checkpointing.mapping import is_main_replica
+        from torch.utils.serialization import config as serialization
 
-        if not is_main_replica(target.replica_id):
+        if not target.main:
             return
         data = data()
         start, self.stream.crc = self.stream.tell(), 0
-        torch.save(data, self.stream)
+        # The zip CRC-32 torch.save computes for every item costs a pass over the data that
+        # nothing reads (torch.load does not check it; checksums.json covers the files), and it
+        # would read add_rows' placeholders: off for these saves only.
+        before, serialization.save.compute_crc32 = serialization.save.compute_crc32, False
+        try:
+            torch.save(data, self.stream)
+        finally:
+            serialization.save.compute_crc32 = before
         self.items.append((target.key, tuple(target.global_shape), data.dtype, tuple(target.global_offset),
                            tuple(data.shape), start, self.stream.tell() - start, self.stream.crc))
 
@@ -162,18 +142,27 @@ class DcpWriter:
         return {self.name: {"size": self.stream.tell(), "blocks": [[i[5], i[6], i[7]] for i in self.items]}}
 
 
+def _all_gather(obj) -> list:
+    """``obj`` of every rank (no process group: this is the only rank)."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
 def finish(writer: DcpWriter) -> dict:
     """Collective: close every rank's writer, then rank 0 writes ``.metadata``, ``metadata.json``
-    and ``common.pt``. Returns every data file's ``checksums.json`` entry (on every rank)."""
-    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    (as megatron-core's ``save_config`` writes it) and ``common.pt``. Returns every data file's
+    ``checksums.json`` entry (on every rank)."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
                                                        TensorProperties, TensorStorageMetadata)
 
     entry = writer.close()
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, (writer.name, writer.items, entry))
-    if torch.distributed.get_rank() == 0:
+    gathered = _all_gather((writer.name, writer.items, entry))
+    distributed = torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
         tensors, storage = {}, {}
         for name, items, _ in gathered:
             for key, size, dtype, offsets, sizes, start, length, _crc in items:
@@ -195,9 +184,10 @@ def finish(writer: DcpWriter) -> dict:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, writer.out / ".metadata")
-        save_config(CheckpointingConfig("torch_dist"), str(writer.out))
+        (writer.out / "metadata.json").write_text(json.dumps(MCORE_CONFIG))
         torch.save({}, writer.out / "common.pt")  # the common state: every entry here is sharded
-    torch.distributed.barrier()
+    if distributed:
+        torch.distributed.barrier()
     return {k: v for _, _, e in gathered for k, v in e.items()}
 
 

@@ -16,7 +16,8 @@ from megatron_emu.model.spec import ModelSpec
 
 def build_model_chunks(spec: ModelSpec, pgs: ProcessGroupCollection, meta: bool = False) -> list[Emu2Model]:
     """The chunks this rank holds: ``[Emu2Model]`` (or one per virtual stage), on the device
-    (``meta``: on the meta device, without memory, for the converter's sharded state dicts).
+    (``meta``: on the meta device, without memory: megatron-core's sharded layout without data, which
+    the tests hold ``checkpoint/layout.py``'s derivation equal to).
 
     The first chunk of pipeline rank 0 holds the ViT, adapter and embedding; the last chunk of
     the last rank holds the final norm and heads.

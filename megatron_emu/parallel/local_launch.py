@@ -9,7 +9,9 @@ tensor operation, and forks the ranks of every later ``run_local`` call. Each ca
 launcher what a rank forked from the caller would have inherited: the working directory, the
 environment, ``sys.path``, stdout / stderr, the root logger's stream handlers and the loggers' levels, the warning filters
 and the torch and numpy generators' states (Python's ``random`` is reseeded
-in every forked child, as before)."""
+in every forked child, as before). ``megatron=False`` (a function that uses torch only, e.g. the
+converter's rank): nothing is prepared for megatron-core, and a single rank runs in the calling
+process itself (no launcher, no fork)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import warnings
 from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any, Callable
 
-_LAUNCHERS: dict = {}  # hides a GPU -> (process, connection): this process's launchers, started on first use
+_LAUNCHERS: dict = {}  # (hides a GPU, prepared for megatron-core) -> (process, connection): started on first use
 
 
 def free_port() -> int:
@@ -77,16 +79,17 @@ def _adopt(state: dict, out_fd: int, err_fd: int) -> None:
 
 
 def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, cpu_only: bool,
-               state: dict, fds: tuple) -> None:
+               megatron: bool, state: dict, fds: tuple) -> None:
     _adopt(state, *fds)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     if cpu_only:  # CPU + gloo even on a GPU node (before anything asks for a device)
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
-        from megatron_emu.compat import setup_process
+        if megatron:
+            from megatron_emu.compat import setup_process
 
-        setup_process()  # the CPU layer when this rank has no GPU, before megatron-core is imported
+            setup_process()  # the CPU layer when this rank has no GPU, before megatron-core is imported
         queue.put((rank, True, fn(rank, *args)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         try:  # the exception itself when it pickles (clean messages for expected errors)
@@ -94,14 +97,18 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, queu
         except Exception:  # noqa: BLE001
             queue.put((rank, False, (None, traceback.format_exc())))
     finally:
-        from megatron_emu.parallel.groups import destroy
-        destroy()
+        if megatron:
+            from megatron_emu.parallel.groups import destroy
+            destroy()
+        elif "torch" in sys.modules and sys.modules["torch"].distributed.is_initialized():
+            sys.modules["torch"].distributed.destroy_process_group()
 
 
-def _fork_ranks(ctx, world: int, fn: Callable, args: tuple, cpu_only: bool, state: dict, fds: tuple) -> tuple:
+def _fork_ranks(ctx, world: int, fn: Callable, args: tuple, cpu_only: bool, megatron: bool, state: dict,
+                fds: tuple) -> tuple:
     """In the launcher: fork the ranks, wait for them; ``(results by rank, first error or None)``."""
     queue, port = ctx.SimpleQueue(), free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, args, queue, cpu_only, state, fds))
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, args, queue, cpu_only, megatron, state, fds))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -120,14 +127,15 @@ def _fork_ranks(ctx, world: int, fn: Callable, args: tuple, cpu_only: bool, stat
     return results, error
 
 
-def _launcher_main(conn, cpu_only: bool) -> None:
+def _launcher_main(conn, cpu_only: bool, megatron: bool) -> None:
     """The launcher: prepared once, then one job per message until the caller goes away."""
     mp.current_process().daemon = False  # its children are ranks, which it always joins
     if cpu_only:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    from megatron_emu.compat import setup_process
+    if megatron:
+        from megatron_emu.compat import setup_process
 
-    setup_process(cpu=True if cpu_only else None)
+        setup_process(cpu=True if cpu_only else None)
     ctx = mp.get_context("fork")
     while True:
         try:
@@ -146,35 +154,44 @@ def _launcher_main(conn, cpu_only: bool) -> None:
                 os.close(fd)
 
 
-def _launcher(cpu_only: bool):
-    """This process's launcher (``cpu_only``: one that hides any GPU), started if needed."""
-    proc, conn = _LAUNCHERS.get(cpu_only, (None, None))
+def _launcher(cpu_only: bool, megatron: bool):
+    """This process's launcher (``cpu_only``: one that hides any GPU; ``megatron``: prepared for
+    megatron-core), started if needed."""
+    proc, conn = _LAUNCHERS.get((cpu_only, megatron), (None, None))
     if proc is None or not proc.is_alive():
         ctx = mp.get_context("spawn")
         conn, child = ctx.Pipe()
-        proc = ctx.Process(target=_launcher_main, args=(child, cpu_only), daemon=True, name="megatron-emu-launcher")
+        proc = ctx.Process(target=_launcher_main, args=(child, cpu_only, megatron), daemon=True,
+                           name="megatron-emu-launcher")
         proc.start()
         child.close()
-        _LAUNCHERS[cpu_only] = (proc, conn)
+        _LAUNCHERS[(cpu_only, megatron)] = (proc, conn)
     return proc, conn
 
 
-def run_local(world: int, fn: Callable, *args: Any, cpu_only: bool = False) -> list[Any]:
+def run_local(world: int, fn: Callable, *args: Any, cpu_only: bool = False, megatron: bool = True) -> list[Any]:
     """``fn(rank, *args)`` on ``world`` ranks forked by this process's clean launcher, with
     ``torch.distributed`` env set; returns the results by rank or raises with the first failing
     rank's traceback. ``fn`` and ``args`` must pickle (``fn`` a module-level function). The
     calling process never holds a process group or its threads; it prepares itself for
     megatron-core (``compat.setup_process``) as an entry point does. ``cpu_only``: the ranks hide
-    any GPU (CPU tensors, gloo), as the converter wants."""
-    from megatron_emu.compat import setup_process
+    any GPU (CPU tensors, gloo), as the converter wants. ``megatron=False``: ``fn`` uses torch
+    only (no megatron-core, no CUDA; it sets up its own process group): nothing prepares for
+    megatron-core, and one rank (``world`` 1) runs here, in this process, as ``fn(0, *args)``
+    (no launcher, no fork, so nothing can hang: ``fn`` must then need no process group)."""
+    if not megatron and world == 1:
+        return [fn(0, *args)]
+    if megatron:
+        from megatron_emu.compat import setup_process
 
-    setup_process(cpu=True if cpu_only else None)
+        setup_process(cpu=True if cpu_only else None)
     sys.stdout.flush()
     sys.stderr.flush()
     from megatron_emu.utils import device
 
-    proc, conn = _launcher(cpu_only or not device.has_cuda())  # without a GPU one launcher serves both
-    conn.send((world, fn, args, cpu_only, _caller_state()))
+    hide = cpu_only or not device.has_cuda()  # without a GPU one launcher serves both
+    proc, conn = _launcher(hide, megatron)
+    conn.send((world, fn, args, cpu_only, megatron, _caller_state()))
     for fd in (1, 2):
         send_handle(conn, fd, proc.pid)
     try:

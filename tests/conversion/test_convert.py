@@ -155,6 +155,24 @@ def _our_vision_and_logits(rank: int, hf_dir: str, tokens, images) -> dict:
     return {"feats": feats, "logits": logits}
 
 
+def test_single_rank_hf_to_mcore_imports_no_megatron_core(from_llama, tmp_path, tokenizer_dir):
+    """TP 1 x PP 1: the layout comes from the config (``layout.py``) and the rank runs in the
+    caller's process: neither megatron-core nor a launcher process is needed."""
+    import subprocess
+    import sys
+
+    mcore_to_hf(from_llama, tmp_path / "h1", progress=False)
+    code = ("import sys; from megatron_emu.checkpoint.convert import hf_to_mcore; "
+            f"hf_to_mcore({str(tmp_path / 'c')!r}, hf={str(tmp_path / 'h1')!r}, progress=False, "
+            f"overrides=('data.tokenizer={tokenizer_dir}',)); "
+            "import multiprocessing; print(sorted(m for m in sys.modules if m.startswith('megatron.')), "
+            "multiprocessing.active_children())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[] []", out.stdout + out.stderr
+    assert (tmp_path / "c" / "checksums.json").is_file()
+
+
 def test_emu2_hf_in_agrees_with_the_independent_reference(tokenizer_dir, tmp_path):
     """The reference's random weights (HF names) -> hf-to-mcore -> our ViT features and
     logits on an image + text sequence equal the reference's."""

@@ -21,7 +21,7 @@ GQA = ("model.lm.num_query_groups=2",)  # grouped-query attention: the LM QKV ru
 
 def _shapes(rank: int, cfg) -> dict:
     """Canonical name -> (full shape, this rank's local shapes), from the meta-device model."""
-    from megatron_emu.checkpoint.stream_writer import rank_targets
+    from tests.helpers.mcore_targets import rank_targets
     from megatron_emu.parallel.groups import init_distributed
     from megatron_emu.training import build
 

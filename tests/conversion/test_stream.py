@@ -48,25 +48,31 @@ def test_fresh_init_follows_the_models_initialisation():
 
 def _save_both_ways(rank: int, cfg, root: str) -> dict:
     """The model's sharded tensors saved by megatron-core (``ref``) and by the converter's
-    direct writer (``ours``); ``ours`` is then loaded back through megatron-core."""
+    direct writer (``ours``, at the layout ``layout.rank_targets`` derives from the config);
+    ``ours`` is then loaded back through megatron-core."""
     from megatron.core import dist_checkpointing
 
-    from megatron_emu.checkpoint.stream_writer import DcpWriter, finish, rank_targets
+    from megatron_emu.checkpoint import layout
+    from megatron_emu.checkpoint.stream_writer import DcpWriter, finish
     from megatron_emu.parallel.groups import init_distributed
     from megatron_emu.training import build
+    from tests.helpers.mcore_targets import rank_targets
 
     init_distributed()
     chunks = build.model_chunks(cfg, build.process_groups(cfg))
-    targets = [(sh, offsets, shape) for lst in rank_targets(chunks).values() for sh, offsets, shape in lst]
+    mcore = rank_targets(chunks)
+    targets = [(sh, offsets, shape) for lst in mcore.values() for sh, offsets, shape in lst]
     ref, ours = Path(root) / "ref", Path(root) / "ours"
     if rank == 0:
         ref.mkdir(), ours.mkdir()
     torch.distributed.barrier()
     writer = DcpWriter(ours, rank)
-    for sh, offsets, shape in targets:
-        full = torch.zeros(shape, dtype=sh.data.dtype)  # the canonical tensor, holding this shard
-        full[tuple(slice(o, o + n) for o, n in zip(offsets, sh.data.shape))] = sh.data
-        writer.add(sh, offsets, full, sh.data.dtype)
+    for name, derived in layout.rank_targets(cfg, rank, layout.full_shapes(cfg)).items():
+        full = torch.zeros(mcore[name][0][2])  # the canonical tensor, holding this rank's shards
+        for sh, offsets, _ in mcore[name]:
+            full[tuple(slice(o, o + n) for o, n in zip(offsets, sh.data.shape))] = sh.data
+        for t in derived:
+            writer.add(t, t.offsets, full, full.dtype)
     written = finish(writer)
     request = {f"t{i}": dataclasses.replace(sh, data=torch.zeros_like(sh.data)) for i, (sh, _, _) in enumerate(targets)}
     expected = [sh.data.clone() for sh, _, _ in targets]
@@ -74,6 +80,34 @@ def _save_both_ways(rank: int, cfg, root: str) -> dict:
     loaded = dist_checkpointing.load(request, str(ours))
     assert all(torch.equal(loaded[f"t{i}"], t) for i, t in enumerate(expected))
     return written
+
+
+def _both_layouts(rank: int, cfg) -> tuple:
+    """This rank's layout as megatron-core's ``sharded_state_dict`` gives it and as derived."""
+    from megatron_emu.checkpoint import layout
+    from megatron_emu.parallel.groups import init_distributed
+    from megatron_emu.training import build
+    from tests.helpers.mcore_targets import described, rank_targets
+
+    init_distributed()
+    mcore = rank_targets(build.model_chunks(cfg, build.process_groups(cfg), meta=True))
+    shapes = layout.full_shapes(cfg)
+    ours = {n: sorted((t.key, t.global_shape, t.global_offset, t.shape, t.offsets, t.prepend_axis_num, t.main)
+                      for t in lst) for n, lst in layout.rank_targets(cfg, rank, shapes).items()}
+    return described(mcore), ours, {n: lst[0][2] for n, lst in mcore.items()}, shapes
+
+
+@pytest.mark.parametrize("tp,pp,extra", [(1, 1, ()), (2, 2, ()), (2, 1, ("model.lm.num_query_groups=2",)),
+                                         (1, 2, ("model.model_version=chat", "model.lm.vocab_size=32274", "model.vision.image_size=448",
+                                                      "model.adapter.n_query=256"))],
+                         ids=["tp1pp1", "tp2pp2", "gqa", "chat"])
+def test_layout_derived_from_the_config_is_megatron_cores(tp, pp, extra):
+    cfg = tiny_config(tp=tp, pp=pp, sp=tp > 1, extra=extra)
+    shapes = {}
+    for rank, (mcore, ours, full, derived) in enumerate(run_ranks(tp * pp, _both_layouts, cfg)):
+        assert ours == mcore, f"rank {rank}: {set(ours) ^ set(mcore) or [n for n in ours if ours[n] != mcore[n]][:3]}"
+        shapes.update(full)
+    assert derived == shapes and len(shapes) > 20
 
 
 def _layout(path: Path) -> tuple:
@@ -119,17 +153,12 @@ def test_chunks_that_do_not_cover_a_tensor_are_refused():
 
 
 def _plan(rank: int, cfg, llama: str) -> tuple:
-    from megatron_emu.checkpoint.convert import LM_PREFIXES, _gather_needed
+    from megatron_emu.checkpoint import layout
+    from megatron_emu.checkpoint.convert import LM_PREFIXES
     from megatron_emu.checkpoint.hf_mapping import Dims
     from megatron_emu.checkpoint.hf_source import CanonicalSource
-    from megatron_emu.checkpoint.stream_writer import rank_targets
-    from megatron_emu.parallel.groups import init_distributed
-    from megatron_emu.training import build
 
-    init_distributed()
-    chunks = build.model_chunks(cfg, build.process_groups(cfg), meta=True)
-    assert all(p.is_meta for c in chunks for p in c.parameters())
-    needed = _gather_needed(rank_targets(chunks))
+    needed = layout.full_shapes(cfg)
     return needed, CanonicalSource({"llama": llama}, Dims.from_config(cfg)).plan(needed, LM_PREFIXES)
 
 
@@ -144,7 +173,7 @@ def test_plan_covers_the_model_once_in_groups_no_larger_than_a_layer(tmp_path):
                                  intermediate_size=lm.ffn_hidden_size, num_hidden_layers=lm.num_layers,
                                  num_attention_heads=lm.num_attention_heads, tie_word_embeddings=False)
                      ).save_pretrained(tmp_path / "llama", safe_serialization=True)
-    needed, plan = run_ranks(1, _plan, cfg, str(tmp_path / "llama"))[0]
+    needed, plan = _plan(0, cfg, str(tmp_path / "llama"))
     names = [n for _, group in plan for n in group]
     assert sorted(names) == sorted(needed)  # every model tensor exactly once
     size = {n: math.prod(s) for n, s in needed.items()}
