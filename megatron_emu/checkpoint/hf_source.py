@@ -76,7 +76,7 @@ class CanonicalSource:
     def _map(self, hf: dict) -> dict:
         try:
             return from_hf(hf, self.dims)
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, RuntimeError) as e:  # RuntimeError: rows that do not reshape
             raise SourceError(str(e.args[0]) if e.args else str(e)) from None
 
     def plan(self, needed: dict[str, tuple], required: tuple) -> list[tuple[list[str], list[str]]]:
@@ -91,19 +91,19 @@ class CanonicalSource:
             for n in members:
                 src, orig = self.where[n]
                 metas[n] = self.readers[src].meta(orig)
-            canon = self._map(metas)
-            for n, t in canon.items():
+            canon = self._shapes(metas)
+            for n, shape in canon.items():
                 if n not in needed:
                     raise SourceError(f"input tensor(s) {members[:2]} map to {n}, which this model does not "
                                       f"have (check the layer count and architecture)")
-                if tuple(t.shape) != tuple(needed[n]):
-                    raise SourceError(f"{n}: input shape {tuple(t.shape)} but the model needs {tuple(needed[n])}")
+                if shape != tuple(needed[n]):
+                    raise SourceError(f"{n}: input shape {shape} but the model needs {tuple(needed[n])}")
             for n, t in metas.items():
                 hit = find_hf(n)
                 if hit is not None and hit[0].rule is VOCAB:  # a padded vocabulary: rows given
                     self.vocab_rows[hit[0].ours] = t.shape[0]
             self.given |= set(canon)
-            entries.append(([group], sorted(canon), sum(t.numel() for t in canon.values())))
+            entries.append(([group], sorted(canon), sum(math.prod(s) for s in canon.values())))
         fresh = [n for n in needed if n not in self.given]
         missing = sorted(n for n in fresh if n.startswith(required))
         if missing:
@@ -115,6 +115,24 @@ class CanonicalSource:
         for names in by_layer.values():
             entries.append(([], names, sum(math.prod(needed[n]) for n in names)))
         return _coalesce(entries)
+
+    def _shapes(self, metas: dict) -> dict[str, tuple]:
+        """Canonical name -> the shape these input tensors (meta) map to, from their shapes
+        alone: their row numbers are mapped (meta tensors would do, but their ops import much
+        of torch: about 1 s of CPU), and the other dimensions, which every rule keeps, are the
+        inputs', which must agree."""
+        if any(t.dim() == 0 for t in metas.values()):
+            return {n: tuple(t.shape) for n, t in self._map(metas).items()}
+        tails: dict[str, set] = {}
+        for n, t in metas.items():
+            if (hit := find_hf(n)) is not None:
+                tails.setdefault(hit[0].ours.replace("{i}", hit[1]), set()).add(tuple(t.shape[1:]))
+        out = {}
+        for n, t in self._map({n: row_ids(tuple(t.shape)) for n, t in metas.items()}).items():
+            if len(tails.get(n, ())) != 1:
+                raise SourceError(f"{n}: its input tensors disagree beyond the first dimension: {tails.get(n)}")
+            out[n] = (t.shape[0], *next(iter(tails[n])))
+        return out
 
     def canonical(self, groups: list[str]) -> dict[str, torch.Tensor]:
         """The canonical tensors of these HF groups, read and mapped (full, unsharded)."""

@@ -124,7 +124,7 @@ def build(directory: str | Path, known: Optional[dict] = None) -> None:
     from megatron_emu.checkpoint.safe_pickle import read_dcp_metadata
 
     directory, known = Path(directory), dict(known or {})
-    ranges = dcp_ranges(read_dcp_metadata(directory / ".metadata"))
+    ranges = dcp_ranges(read_dcp_metadata(directory / ".metadata", light=True))  # (no torch.distributed import)
     for name, entry in known.items():
         blocks = [(o, n) for o, n, _ in entry["blocks"]]
         if os.path.getsize(directory / name) != entry["size"] or blocks != _tile(entry["size"], ranges.get(name, ())):

@@ -53,7 +53,8 @@ def full_shapes(cfg) -> dict[str, tuple]:
             "mlp.linear_fc2.weight": (w, v.mlp_dim), "mlp.linear_fc2.bias": (w,),
             "mlp.post_norm.weight": (w,), "mlp.post_norm.bias": (w,)},
         "decoder.layers.{i}.": {
-            "input_layernorm.weight": (h,), "self_attention.linear_qkv.weight": ((lm.num_attention_heads + 2 * groups) * d, h),
+            "input_layernorm.weight": (h,),
+            "self_attention.linear_qkv.weight": ((lm.num_attention_heads + 2 * groups) * d, h),
             "self_attention.linear_proj.weight": (h, lm.num_attention_heads * d), "pre_mlp_layernorm.weight": (h,),
             _SWIGLU: (2 * lm.ffn_hidden_size, h), "mlp.linear_fc2.weight": (h, lm.ffn_hidden_size)}}
     shapes = {"vision.patch_embed.weight": (w, 3, v.patch_size, v.patch_size), "vision.patch_embed.bias": (w,),

@@ -128,10 +128,10 @@ def _plain_file_name(name: object) -> bool:
         and not name.startswith(".") and "\x00" not in name
 
 
-def read_dcp_metadata(path: Union[str, Path]):
+def read_dcp_metadata(path: Union[str, Path], light: bool = False):
     """``load_dcp_metadata`` of a file."""
     path = Path(path)
-    return load_dcp_metadata(path.read_bytes(), path)
+    return load_dcp_metadata(path.read_bytes(), path, light)
 
 
 def torch_load(source: Union[str, Path, BinaryIO], where: Any = None, mmap: bool = False) -> Any:

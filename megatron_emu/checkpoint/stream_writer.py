@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import uuid
 from pathlib import Path
 
@@ -152,35 +151,29 @@ def _all_gather(obj) -> list:
 
 
 def finish(writer: DcpWriter) -> dict:
-    """Collective: close every rank's writer, then rank 0 writes ``.metadata``, ``metadata.json``
-    (as megatron-core's ``save_config`` writes it) and ``common.pt``. Returns every data file's
-    ``checksums.json`` entry (on every rank)."""
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
-                                                       TensorProperties, TensorStorageMetadata)
+    """Collective: close every rank's writer, then rank 0 writes ``.metadata`` (``dcp_metadata``),
+    ``metadata.json`` (as megatron-core's ``save_config`` writes it) and ``common.pt``. Returns
+    every data file's ``checksums.json`` entry (on every rank)."""
+    from megatron_emu.checkpoint import dcp_metadata
 
     entry = writer.close()
     gathered = _all_gather((writer.name, writer.items, entry))
     distributed = torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_rank() == 0:
-        tensors, storage = {}, {}
+        tensors, chunks, seen = {}, [], set()
         for name, items, _ in gathered:
             for key, size, dtype, offsets, sizes, start, length, _crc in items:
-                tmd = tensors.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(size),
-                                                                    []))
-                if tuple(tmd.size) != size or tmd.properties.dtype != dtype:
-                    raise MergeError(f"{key}: ranks disagree on shape/dtype ({tuple(tmd.size)} vs {size})")
-                tmd.chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
-                index = MetadataIndex(key, torch.Size(offsets))
-                if index in storage:
+                if tensors.setdefault(key, (size, dtype, []))[:2] != (size, dtype):
+                    raise MergeError(f"{key}: ranks disagree on shape/dtype ({tensors[key][:2]} vs {size, dtype})")
+                if (key, offsets) in seen:
                     raise MergeError(f"{key} at {offsets} is written twice")
-                storage[index] = _StorageInfo(name, start, length)
-        check_coverage(tensors)
-        metadata = Metadata(tensors, storage_data=storage, version="1.0.0",
-                            storage_meta=StorageMeta(checkpoint_id=str(writer.out), save_id=str(uuid.uuid4())))
+                seen.add((key, offsets))
+                tensors[key][2].append((offsets, sizes))
+                chunks.append((name, key, size, dtype, offsets, sizes, start, length))
+        check_coverage({key: (size, lst) for key, (size, _, lst) in tensors.items()})
         tmp = writer.out / ".metadata.tmp"
         with open(tmp, "wb") as f:  # torch DCP's own metadata format (FileSystemWriter.finish)
-            pickle.dump(metadata, f)
+            f.write(dcp_metadata.dumps(chunks, str(writer.out), str(uuid.uuid4())))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, writer.out / ".metadata")
@@ -192,14 +185,11 @@ def finish(writer: DcpWriter) -> dict:
 
 
 def check_coverage(tensors: dict) -> None:
-    """Every tensor's chunks lie inside it, start at distinct offsets and add up to its volume."""
-    for key, tmd in tensors.items():
-        if not hasattr(tmd, "chunks"):
-            continue
-        size = tuple(tmd.size)
+    """Every tensor's chunks lie inside it, start at distinct offsets and add up to its volume:
+    ``{key: (size, [(offsets, sizes), ...])}``."""
+    for key, (size, chunks) in tensors.items():
         seen, volume = set(), 0
-        for c in tmd.chunks:
-            offsets, sizes = tuple(c.offsets), tuple(c.sizes)
+        for offsets, sizes in chunks:
             if offsets in seen or any(o < 0 or o + n > s for o, n, s in zip(offsets, sizes, size)):
                 raise MergeError(f"{key}: chunk at {offsets} of size {sizes} overlaps or leaves {size}")
             seen.add(offsets)

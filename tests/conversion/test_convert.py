@@ -156,8 +156,9 @@ def _our_vision_and_logits(rank: int, hf_dir: str, tokens, images) -> dict:
 
 
 def test_single_rank_hf_to_mcore_imports_no_megatron_core(from_llama, tmp_path, tokenizer_dir):
-    """TP 1 x PP 1: the layout comes from the config (``layout.py``) and the rank runs in the
-    caller's process: neither megatron-core nor a launcher process is needed."""
+    """TP 1 x PP 1: the layout comes from the config (``layout.py``), ``.metadata`` is pickled
+    from stand-ins (``dcp_metadata.py``) and the rank runs in the caller's process: neither
+    megatron-core, torch DCP nor a launcher process is needed."""
     import subprocess
     import sys
 
@@ -165,8 +166,8 @@ def test_single_rank_hf_to_mcore_imports_no_megatron_core(from_llama, tmp_path, 
     code = ("import sys; from megatron_emu.checkpoint.convert import hf_to_mcore; "
             f"hf_to_mcore({str(tmp_path / 'c')!r}, hf={str(tmp_path / 'h1')!r}, progress=False, "
             f"overrides=('data.tokenizer={tokenizer_dir}',)); "
-            "import multiprocessing; print(sorted(m for m in sys.modules if m.startswith('megatron.')), "
-            "multiprocessing.active_children())")
+            "import multiprocessing; print(sorted(m for m in sys.modules if m.startswith(('megatron.', "
+            "'torch.distributed.checkpoint'))), multiprocessing.active_children())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "[] []", out.stdout + out.stderr
@@ -230,6 +231,13 @@ def test_bad_inputs_fail_clearly_and_write_nothing(llama_dir, from_llama, tmp_pa
     with pytest.raises(ConversionError, match="mystery"):
         hf_to_mcore(tmp_path / "out3", llama=str(odd), config=str(TINY))
     assert not (tmp_path / "out3").exists()
+    # Parts of one tensor that disagree beyond their rows (fused QKV: k with other columns).
+    tensors.pop("model.layers.0.self_attn.mystery.weight")
+    tensors["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(64, 32)
+    save_file(tensors, odd / "model.safetensors")
+    with pytest.raises(ConversionError, match="disagree"):
+        hf_to_mcore(tmp_path / "out5", llama=str(odd), config=str(TINY))
+    assert not (tmp_path / "out5").exists() and not list(tmp_path.glob(".out5*"))
     # Not a checkpoint; an output that already has files.
     with pytest.raises(ConversionError, match="no checkpoint"):
         mcore_to_hf(tmp_path, tmp_path / "out4", progress=False)

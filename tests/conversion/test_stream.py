@@ -97,9 +97,12 @@ def _both_layouts(rank: int, cfg) -> tuple:
     return described(mcore), ours, {n: lst[0][2] for n, lst in mcore.items()}, shapes
 
 
+CHAT = ("model.model_version=chat", "model.lm.vocab_size=32274", "model.vision.image_size=448",
+        "model.adapter.n_query=256")
+
+
 @pytest.mark.parametrize("tp,pp,extra", [(1, 1, ()), (2, 2, ()), (2, 1, ("model.lm.num_query_groups=2",)),
-                                         (1, 2, ("model.model_version=chat", "model.lm.vocab_size=32274", "model.vision.image_size=448",
-                                                      "model.adapter.n_query=256"))],
+                                         (1, 2, CHAT)],
                          ids=["tp1pp1", "tp2pp2", "gqa", "chat"])
 def test_layout_derived_from_the_config_is_megatron_cores(tp, pp, extra):
     cfg = tiny_config(tp=tp, pp=pp, sp=tp > 1, extra=extra)
@@ -138,12 +141,35 @@ def test_direct_writer_writes_the_metadata_megatron_core_writes_and_loads_there(
         assert manifest.files[name] == {"size": entry["size"], "blocks": [tuple(b) for b in entry["blocks"]]}
 
 
-def test_chunks_that_do_not_cover_a_tensor_are_refused():
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorProperties, TensorStorageMetadata
+def test_metadata_pickles_as_dcps_own_objects():
+    """``dcp_metadata``'s stand-ins pickle to the bytes DCP's own classes do (as ``finish`` did
+    with them), and unpickle to equal objects."""
+    import pickle
 
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
+                                                       TensorProperties, TensorStorageMetadata)
+
+    from megatron_emu.checkpoint import dcp_metadata
+
+    items = [("__0_0.distcp", "a", (2, 4), torch.float32, (0, 0), (1, 4), 0, 100),
+             ("__1_0.distcp", "a", (2, 4), torch.float32, (1, 0), (1, 4), 0, 90),
+             ("__0_0.distcp", "decoder.layers.b", (3, 8), torch.bfloat16, (0, 0), (3, 8), 100, 64)]
+    tensors, storage = {}, {}
+    for name, key, size, dtype, offsets, sizes, start, length in items:
+        tmd = tensors.setdefault(key, TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(size), []))
+        tmd.chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
+        storage[MetadataIndex(key, torch.Size(offsets))] = _StorageInfo(name, start, length)
+    real = Metadata(tensors, storage_data=storage, version="1.0.0",
+                    storage_meta=StorageMeta(checkpoint_id="/x/ckpt", save_id="id"))
+    ours = dcp_metadata.dumps(items, "/x/ckpt", "id")
+    assert ours == pickle.dumps(real)
+    assert pickle.loads(ours) == real
+
+
+def test_chunks_that_do_not_cover_a_tensor_are_refused():
     def tensor(*chunks):
-        return {"w": TensorStorageMetadata(TensorProperties(), torch.Size((4, 2)),
-                                           [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in chunks])}
+        return {"w": ((4, 2), list(chunks))}
 
     check_coverage(tensor(((0, 0), (2, 2)), ((2, 0), (2, 2))))
     with pytest.raises(MergeError, match="cover"):
