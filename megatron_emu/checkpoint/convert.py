@@ -306,7 +306,12 @@ def _save_rank(rank: int, cfg, dirs: dict, out: str, progress: bool) -> tuple[in
     from megatron_emu.checkpoint.hf_source import CanonicalSource, SourceError
 
     if cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size > 1:
-        torch.distributed.init_process_group("gloo")  # env:// (run_local sets it)
+        from datetime import timedelta
+
+        from megatron_emu.parallel.watchdog import watch_parent
+
+        watch_parent()  # as groups.init_distributed: exit when the launcher dies, never wait alone
+        torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=600))  # env:// (run_local)
     needed = layout.full_shapes(cfg)
     targets = layout.rank_targets(cfg, rank, needed)
     required = ("",) if "" in dirs else LM_PREFIXES + (("vision.",) if "vision" in dirs else ())
