@@ -242,3 +242,21 @@ def test_the_loader_counts_dropped_tuning_documents_and_refuses_videos_that_cann
     with pytest.raises(ValueError, match=rf"data.path {gen}: an image takes 258 tokens"):
         EmuDataLoader(replace(spec, paths=((1.0, str(gen)),), seq_length=200))
     EmuDataLoader(replace(spec, n_query=64)).close()  # 8 x 66 + 1 fits
+
+
+def test_llava_deep_lines_and_sharegpt_system_turns(samples, chat_tok, tmp_path):
+    record = {"id": "s", "conversations": [{"from": "system", "value": "Answer in French. <image>"},
+                                           {"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Salut."}]}
+    deep = "[" * 100_000 + "]" * 100_000
+    lines = tmp_path / "c.jsonl"
+    lines.write_text(json.dumps(record) + "\n" + deep + "\n")
+    opts = dict(format="llava", tokenizer=str(chat_tok.directory), image_size=IMAGE_SIZE, progress=False)
+    summary = run(Options(inputs=[str(lines)], out=str(tmp_path / "a"), **opts))
+    assert summary["chat"] == 1 and summary["skipped"] == {"malformed_json": 1}
+    meta, index = sf.load_index(tmp_path / "a")
+    doc = sf.decode_document("0", sf.read_span(tmp_path / "a" / meta["shards"][0], int(index[0][1]), int(index[0][2])))
+    assert doc.segments[0][1] == chat_tok.encode("Answer in French. <image>") and doc.n_images == 0
+    assert doc.segments[1] == ("special", USER) and 0 in doc.no_loss
+    (tmp_path / "deep.json").write_text(deep)
+    with pytest.raises(ValueError, match=f"--input {tmp_path / 'deep.json'}: not valid JSON"):
+        run(Options(inputs=[str(tmp_path / "deep.json")], out=str(tmp_path / "b"), **opts))
