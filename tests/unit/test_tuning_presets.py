@@ -76,3 +76,15 @@ def test_chat_initialises_from_an_emu2_checkpoint_but_resumes_only_its_own(tmp_p
     back = {"config": {"model": asdict(chat.model)}}  # 32274 -> 32272 would drop [USER] / [ASSISTANT]
     with pytest.raises(CheckpointError, match="model.lm.vocab_size"):
         check_model_matches(back, load_config(STAGE2), tmp_path, weights_only=True)
+
+
+def test_the_hf_export_declares_the_frame_tokens_the_model_was_trained_with():
+    """A video frame has ``model.adapter.n_query`` tokens in training (image_layout.video_block):
+    the exported config's ``v_query`` (the HF model's tokens per frame) is that number."""
+    from megatron_emu.checkpoint.hf_config import emu2_config
+    from megatron_emu.contracts import image_layout
+
+    for preset, n in ((CHAT, 256), (GEN, 64)):
+        vision = emu2_config(load_config(preset), "bf16")["vision_config"]
+        assert vision["v_query"] == vision["n_query"] == n
+        assert image_layout.video_block(1, vision["v_query"]).count(image_layout.VIDEO_SLOT_ID) == n
