@@ -260,3 +260,16 @@ def test_llava_deep_lines_and_sharegpt_system_turns(samples, chat_tok, tmp_path)
     (tmp_path / "deep.json").write_text(deep)
     with pytest.raises(ValueError, match=f"--input {tmp_path / 'deep.json'}: not valid JSON"):
         run(Options(inputs=[str(tmp_path / "deep.json")], out=str(tmp_path / "b"), **opts))
+
+
+def test_answers_keep_their_layout_and_a_question_tokenizes_as_generate_chat_does(samples, chat_tok, tmp_path):
+    from megatron_emu.inference.video import chat_prompt_ids
+
+    question = "  Fix\u00a0this  code:\t\n\n    x = 1\u2028y  "
+    answer = "Here:\n```python\ndef f():\n    return  1\n```"
+    record = {"id": "code", "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    (doc,), _ = _documents(samples, chat_tok, "llava", [record], tmp_path, system_message="none")
+    texts = [v for k, v in doc.segments if k == "text"]
+    assert texts[-1] == chat_tok.encode(answer)  # indentation and double spaces kept
+    ids, _ = chat_prompt_ids(question, "", chat_tok, n_query=2, n_frames=1)
+    assert ids == [BOS, USER, *texts[0], ASSISTANT, *texts[1]]
