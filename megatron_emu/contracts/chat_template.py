@@ -40,6 +40,16 @@ DOCUMENT_TOKEN_IDS = frozenset({vocab.EOS_ID, vocab.USER_ID, vocab.ASSISTANT_ID}
                                | set(range(vocab.token_id("<grounding>"), vocab.EMU2_VOCAB_SIZE)))
 
 
+def special_problem(token: int, kind: str):
+    """Why a special segment ``token`` cannot be in a document of ``kind`` (None: it can): the
+    template's and grounding tokens only, ``[USER]`` / ``[ASSISTANT]`` in conversations only."""
+    if token not in DOCUMENT_TOKEN_IDS:
+        return f"special segment {token} is not a template or grounding token"
+    if token in (vocab.USER_ID, vocab.ASSISTANT_ID) and kind != "chat":
+        return f"special segment {token} ([USER] / [ASSISTANT]) in a {kind} document, not a conversation"
+    return None
+
+
 @dataclass(frozen=True)
 class Part:
     """One piece of a rendered conversation: ``kind`` "text" (a string, placeholders included)

@@ -273,3 +273,28 @@ def test_answers_keep_their_layout_and_a_question_tokenizes_as_generate_chat_doe
     assert texts[-1] == chat_tok.encode(answer)  # indentation and double spaces kept
     ids, _ = chat_prompt_ids(question, "", chat_tok, n_query=2, n_frames=1)
     assert ids == [BOS, USER, *texts[0], ASSISTANT, *texts[1]]
+
+
+def test_user_and_assistant_ids_are_a_bad_sample_outside_conversations(samples, chat_tok, tmp_path):
+    from data_tools.inspect import inspect
+    from megatron_emu.data.bad_samples import check_document
+    from megatron_emu.data.shard_format import Document
+
+    assert "not a conversation" in check_document(Document("i", "interleaved", [("special", USER), ("text", [5])]))
+    gen = tmp_path / "gen"
+    run(Options(format="gen", inputs=[str(samples / "gen" / "gen.jsonl")], images=str(samples / "gen"),
+                tokenizer=str(chat_tok.directory), out=str(gen), image_size=IMAGE_SIZE, progress=False))
+    meta, index = sf.load_index(gen)
+    doc = int(np.flatnonzero(index[:, sf.COL_KIND] == sf.KIND_CODES["grounded"])[0])
+    path = gen / meta["shards"][int(index[doc, sf.COL_SHARD])]
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b'{"special":%d}' % GROUNDING, int(index[doc, sf.COL_OFFSET]))
+    raw[at:at + 17] = b'{"special":%d}' % USER  # a crafted grounded sample with [USER]
+    path.write_bytes(bytes(raw))
+    assert any("not a conversation" in b for b in inspect(gen)["broken"])
+    loader = EmuDataLoader(LoaderSpec(paths=((1.0, str(gen)),), seq_length=96, n_query=1, image_size=IMAGE_SIZE,
+                                      micro_batch_size=4, num_workers=0, regression="last_image"))
+    for _ in range(6):
+        batch = next(loader)
+        assert f"0:{doc}" not in [k for keys in batch.keys for k in keys] and not (batch.tokens == USER).any()
+    assert loader.bad_samples >= 1
