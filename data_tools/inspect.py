@@ -98,8 +98,9 @@ def _check_sample(key: str, members: dict, size: int, tok) -> list[str]:
                     problems.append(msg)
             continue
         if kind == "special":
-            if value not in chat_template.DOCUMENT_TOKEN_IDS:
-                problems.append(f"special segment {value} is not a template or grounding token")
+            problem = chat_template.special_problem(value, doc.kind)
+            if problem:
+                problems.append(problem)
             continue
         text, ids = value
         if any(not 0 <= i < st.EMU2_VOCAB_SIZE for i in ids):

@@ -18,7 +18,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import re
 import tarfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from data_tools import outdir, sources
 from data_tools.images import DEFAULT_MAX_PIXELS, SkipSample, process_image
 from data_tools.sources import RawDoc, Skip
 from data_tools.video import DEFAULT_FRAMES, process_video
+from megatron_emu.contracts import chat_template
 from megatron_emu.data import shard_format as sf
 from megatron_emu.data.tokenizer import Emu2Tokenizer
 
@@ -95,22 +95,15 @@ def _note_skip(stats: ShardStats, reason: str, key: str, detail: str = "") -> No
             log.warning("further %r skips are counted but not logged by this worker", reason)
 
 
-_SPACES = re.compile(r"[ \t\r\f\v]+")
-
-
-def normalize_text(text: str) -> str:
-    """Strip, and collapse runs of horizontal whitespace to one space (newlines stay)."""
-    return "\n".join(_SPACES.sub(" ", line).strip() for line in text.strip().splitlines())
-
-
 def convert(raw: RawDoc, opts: Options, stats: ShardStats) -> Optional[sf.Document]:
     """Tokenize and process one document; bad images and videos are dropped (and counted);
     returns None when nothing usable is left (a pair needs its image or video and its caption; a
     conversation or generation sample needs every image and an answer or caption)."""
     segments, no_loss = [], set()
     for i, (kind, value) in enumerate(raw.segments):
-        if kind == "text":
-            text = normalize_text(value)
+        if kind == "text":  # an answer keeps its layout (code indentation): ends stripped only
+            answer = raw.kind == "chat" and i not in raw.no_loss
+            text = value.strip() if answer else chat_template.normalize_text(value)
             ids = _Worker.tok.encode(text) if text else []
             segment = ("text", (text, ids)) if ids else None
         elif kind == "special":

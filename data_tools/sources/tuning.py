@@ -11,7 +11,11 @@ or the input file's folder, as for ``jsonl``.
 ``<image>`` / ``<video>`` in the human turns mark where the images and videos go, in order
 (without any, they go before the first question, as in LLaVA). The conversation is laid out with
 the chat template (``megatron_emu/contracts/chat_template.py``) and the system message of
-``--system-message``; only the answers are trained.
+``--system-message``; only the answers are trained. A ShareGPT turn ``{"from": "system", ...}``
+is the conversation's own system message (several are joined by a newline; placeholders in it are
+text): it replaces ``--system-message`` for that conversation. A ``.jsonl`` line that does not
+parse (also one nested too deeply) is skipped as ``malformed_json``; a ``.json`` file that does not
+parse is refused in one line naming it.
 
 ``gen``: JSONL, one sample per line, with ``kind``::
 
@@ -99,8 +103,8 @@ def _parse(path: str) -> list:
         if path.endswith(".jsonl"):
             return [_line(line) for line in text.splitlines() if line.strip()]
         data = loads(text)
-    except ValueError as e:
-        raise ValueError(f"--input {path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"--input {path}: not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(data, list):
         raise ValueError(f"--input {path}: a llava file holds a JSON list of records, not a {type(data).__name__}")
     return data
@@ -109,12 +113,15 @@ def _parse(path: str) -> list:
 def _line(line: str):
     try:
         return loads(line)
-    except ValueError:
+    except RECORD_ERRORS:  # also a line nested too deeply (RecursionError)
         return None  # skipped as malformed_json when read
 
 
 def conversation(record: dict, key: str, base: Path, system: str) -> RawDoc:
-    turns = [(ROLES[str(t["from"]).lower()], str(t["value"])) for t in record["conversations"]]
+    turns = [(str(t["from"]).lower(), str(t["value"])) for t in record["conversations"]]
+    own = [text.strip() for role, text in turns if role == "system"]
+    system = "\n".join(own) if own else system  # ShareGPT: the conversation's own system message
+    turns = [(ROLES[role], text) for role, text in turns if role != "system"]
     while turns and turns[-1][0] == "user":  # a question without an answer trains nothing
         turns.pop()
     files = {"image": _as_list(record.get("image")), "video": _as_list(record.get("video"))}
@@ -128,11 +135,12 @@ def conversation(record: dict, key: str, base: Path, system: str) -> RawDoc:
     parts = chat_template.conversation(turns, system)
     refs = {kind: iter(names) for kind, names in files.items()}
     raw = RawDoc(str(record.get("id", key)).replace(".", "_").replace("/", "_") or key, "chat")
-    for part in parts:
+    for j, part in enumerate(parts):
         if part.kind == "token":
             _add(raw, ("special", part.value), part.loss)
             continue
-        for piece in _PLACEHOLDERS.split(part.value) if not part.loss else [part.value]:  # answers: text only
+        plain = part.loss or (j == 0 and bool(system))  # answers and the system message: text only
+        for piece in [part.value] if plain else _PLACEHOLDERS.split(part.value):
             if piece == vocab.IMAGE:
                 _add(raw, ("image", records.STORE.ref(next(refs["image"]), base)), part.loss)
             elif piece == image_layout.VIDEO_PLACEHOLDER:

@@ -43,7 +43,8 @@ def emu2_config(cfg: EmuConfig, dtype: str, remote_code: bool = True) -> dict:
             "image_size": v.image_size, "intermediate_size": v.mlp_dim, "layer_norm_eps": v.layer_norm_eps,
             "layers": v.num_layers, "mlp_ratio": v.mlp_dim / v.width, "n_query": cfg.model.adapter.n_query,
             "patch_size": v.patch_size, "postnorm": v.postnorm, "qkv_bias": True,
-            "v_query": min(64, cfg.model.adapter.n_query), "width": v.width, "xattn": not chat,
+            # tokens per video frame: the model was trained with n_query per frame (docs/tuning.md)
+            "v_query": cfg.model.adapter.n_query, "width": v.width, "xattn": not chat,
         },
     }
     if not remote_code:

@@ -18,6 +18,7 @@ This module is pure: no tokenizer, no I/O.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from megatron_emu.contracts import vocab
@@ -30,12 +31,23 @@ SYSTEM_MESSAGES = {
     "none": "",
 }
 SEPARATOR = ":"  # after [USER] and [ASSISTANT]
+_SPACES = re.compile(r"[ \t\r\f\v]+")
 
 # Special tokens a document may carry between its text pieces (the template's and the grounding
 # vocabulary's); the visual block tokens ([IMG], <image>, [VIDEO], ...) and <s> are placed by
 # sequence assembly only.
 DOCUMENT_TOKEN_IDS = frozenset({vocab.EOS_ID, vocab.USER_ID, vocab.ASSISTANT_ID}
                                | set(range(vocab.token_id("<grounding>"), vocab.EMU2_VOCAB_SIZE)))
+
+
+def special_problem(token: int, kind: str):
+    """Why a special segment ``token`` cannot be in a document of ``kind`` (None: it can): the
+    template's and grounding tokens only, ``[USER]`` / ``[ASSISTANT]`` in conversations only."""
+    if token not in DOCUMENT_TOKEN_IDS:
+        return f"special segment {token} is not a template or grounding token"
+    if token in (vocab.USER_ID, vocab.ASSISTANT_ID) and kind != "chat":
+        return f"special segment {token} ([USER] / [ASSISTANT]) in a {kind} document, not a conversation"
+    return None
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,14 @@ def system_message(name: str) -> str:
         return SYSTEM_MESSAGES[name]
     except KeyError:
         raise ValueError(f"system message {name!r}: choose from {sorted(SYSTEM_MESSAGES)}") from None
+
+
+def normalize_text(text: str) -> str:
+    """The one normalization of text pieces before tokenizing, in preprocessing (every text piece
+    but a conversation's answers, kept as written) and in ``megatron-emu-generate --chat``, so a
+    question tokenizes identically in both: strip, strip every line, collapse runs of horizontal
+    whitespace to one space (newlines stay)."""
+    return "\n".join(_SPACES.sub(" ", line).strip() for line in text.strip().splitlines())
 
 
 def _question(text: str) -> list[Part]:

@@ -7,7 +7,8 @@ decodes (later pipeline stages never decode pixels):
    gives the same sequence on every rank, under every layout and after a resume): the
    document's byte span reads (a truncated shard fails here), its JSON parses, its text ids are
    plain text ids (no special id, no ``<s>``/``</s>``), its special segments are the chat
-   template's or grounding tokens (never an image-block token), and every image is a JPEG whose header
+   template's or grounding tokens (never an image-block token; ``[USER]`` / ``[ASSISTANT]`` in
+   conversations only), and every image is a JPEG whose header
    parses and that ends with the end-of-image marker. A document that fails is dropped from its
    sequence; the rest of the sequence is packed as planned.
 2. Decoding pixels, only where they are needed: an image that passed 1 but still does not
@@ -67,8 +68,9 @@ def check_document(doc: Document) -> Optional[str]:
                 if problem:
                     return problem
         elif kind == "special":
-            if value not in chat_template.DOCUMENT_TOKEN_IDS:
-                return f"special segment {value} is not a template or grounding token"
+            problem = chat_template.special_problem(value, doc.kind)
+            if problem:
+                return problem
         elif value and (min(value) < 0 or max(value) >= st.LLAMA_VOCAB_SIZE
                         or st.BOS_ID in value or st.EOS_ID in value):
             return "text has special or out-of-vocabulary token ids"

@@ -131,15 +131,20 @@ class SequenceReader(torch.utils.data.Dataset):
     def __getitem__(self, descriptor) -> dict:
         dataset, items = descriptor
         s = self.spec
-        docs, outcomes, owner = [], [], {}
+        docs, outcomes, owner, placed = [], [], {}, []
         for epoch, doc in items:
             document, problem = self._read(dataset, doc)
             outcomes.append(problem)
             if document is not None:
+                placed.append((len(outcomes) - 1, doc))
                 docs.append((document, image_first(s.seed, dataset, epoch, doc, s.image_first_prob)))
                 owner.update({id(v): doc for k, v in document.segments if k == "image"})
                 owner.update({id(f): doc for k, v in document.segments if k == "video" for f in v})
         seq = build_sequence(docs, s.seq_length, s.n_query, s.max_images, s.regression, s.regress_video_frames)
+        for d in seq.dropped:  # its tokens stay, it trains nothing (sequence.py)
+            slot, doc = placed[d]
+            outcomes[slot] = self._bad(dataset, doc, "its image or video does not fit the sequence (or "
+                                       "data.max_images_per_sequence); the document trains nothing")
         if not s.decode_images:
             images = []
         elif self.decode_here:
@@ -154,13 +159,17 @@ class SequenceReader(torch.utils.data.Dataset):
         try:
             return dec.decode_pil(data, self.spec.image_size)
         except Exception as e:  # noqa: BLE001 - decoders of crafted bytes raise anything
-            row = self.indexes[dataset][doc]
-            shard = int(row[sf.COL_SHARD])
-            path = self.dirs[dataset] / self.metas[dataset]["shards"][shard]
-            key = bad.span_key(self._handles[(dataset, shard)], int(row[sf.COL_OFFSET]))
-            outcomes.append(bad.BadSample(str(path), key, f"image does not decode ({type(e).__name__}: {e})"))
+            outcomes.append(self._bad(dataset, doc, f"image does not decode ({type(e).__name__}: {e})"))
             size = self.spec.image_size
             return np.zeros((3, size, size), dtype=np.uint8)
+
+    def _bad(self, dataset: int, doc: int, reason: str) -> bad.BadSample:
+        """The ``BadSample`` of a document that was read (its shard file is open here)."""
+        row = self.indexes[dataset][doc]
+        shard = int(row[sf.COL_SHARD])
+        path = self.dirs[dataset] / self.metas[dataset]["shards"][shard]
+        key = bad.span_key(self._handles[(dataset, shard)], int(row[sf.COL_OFFSET]))
+        return bad.BadSample(str(path), key, reason)
 
     def close(self) -> None:
         """Close the shard files this process opened (workers close theirs when they exit)."""
@@ -233,6 +242,25 @@ def dataset_fingerprint(meta: dict, n_docs: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _refuse_visuals_that_cannot_fit(directory: str, meta: dict, index: np.ndarray, spec: LoaderSpec) -> None:
+    """A dataset whose videos or images cannot fit one sequence (with ``<s>`` and ``</s>``) at the
+    model's n_query would lose every one of them: refused, naming the fields to change."""
+    room = spec.seq_length + 1 - 2
+    frames = int(meta.get("video_frames") or 0)
+    if meta.get("videos") and image_layout.tokens_per_video(frames, spec.n_query) > room:
+        need = image_layout.tokens_per_video(frames, spec.n_query) + 1
+        raise ValueError(f"data.path {directory}: its videos take {frames} frames x "
+                         f"{image_layout.tokens_per_image(spec.n_query)} tokens + [VIDEO] + <s></s> = {need + 1} "
+                         f"tokens but train.seq_length is {spec.seq_length}, so every video would be dropped; "
+                         f"raise train.seq_length to at least {need}, lower model.adapter.n_query, or re-run "
+                         f"`megatron-emu-data preprocess --video-frames N` with fewer frames")
+    if int(np.asarray(index[:, sf.COL_IMAGES]).sum()) > 0 and image_layout.tokens_per_image(spec.n_query) > room:
+        raise ValueError(f"data.path {directory}: an image takes {image_layout.tokens_per_image(spec.n_query)} "
+                         f"tokens (model.adapter.n_query {spec.n_query} + 2) + <s></s> but train.seq_length is "
+                         f"{spec.seq_length}, so every image would be dropped; raise train.seq_length or lower "
+                         f"model.adapter.n_query")
+
+
 class EmuDataLoader:
     """Iterate ``LoaderBatch`` micro-batches forever; ``state_dict``/``load_state_dict`` save
     and restore the exact position."""
@@ -254,6 +282,7 @@ class EmuDataLoader:
                                  f"data.max_images_per_sequence is {spec.max_images} (frames count as images), "
                                  f"so every video would be dropped; raise the cap or re-run "
                                  f"`megatron-emu-data preprocess --video-frames {spec.max_images}`")
+            _refuse_visuals_that_cannot_fit(d, meta, index, spec)
             if spec.vocab_size < vocab.CHAT_VOCAB_SIZE and (index[:, sf.COL_KIND] == sf.KIND_CODES["chat"]).any():
                 raise ValueError(f"data.path {d} holds conversations ([USER] / [ASSISTANT], ids "
                                  f"{vocab.USER_ID}, {vocab.ASSISTANT_ID}) but model.lm.vocab_size is "

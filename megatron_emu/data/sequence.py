@@ -5,7 +5,11 @@ Layout (emu2_spec.md §1.7): every document is ``<s>`` + its segments + ``</s>``
 ``[gIMG]`` x n_query + ``[/IMG]``. Documents are concatenated to ``seq_length + 1`` tokens
 (inputs are ``[:-1]``, labels ``[1:]``) and padded with ``[PAD]``. An image or a video is never
 split: one that does not fit (or exceeds the per-sequence image cap, frames counted) is dropped
-with its tokens, text is cut at the end. A pair (one image or video + caption) puts its image or
+with its tokens, text is cut at the end. A tuning document (chat, grounded, edit) that loses an
+image or a video this way, and under ``last_image`` regression a document that loses its last
+image, keeps its tokens but trains nothing (no cross-entropy or regression target): its answers
+or its generated image would be learnt without the visual input they refer to. Such documents
+are listed in ``Sequence.dropped`` (the loader counts them as bad samples). A pair (one image or video + caption) puts its image or
 video before the caption with
 probability ``image_first_prob`` (stage 2: 0.5), decided by a per-document seed, so a sequence is
 a pure function of its descriptor. Special segments (the chat template's tokens) go in as
@@ -37,6 +41,7 @@ class Sequence:
     reg_mask: np.ndarray
     images: list = field(default_factory=list)  # images and video frames, in slot order
     documents: list = field(default_factory=list)  # keys, for tests and debugging
+    dropped: list = field(default_factory=list)  # indices (in ``docs``) of documents whose targets were zeroed
 
 
 def image_first(seed: int, dataset: int, epoch: int, doc: int, prob: float) -> bool:
@@ -58,6 +63,8 @@ def ordered_segments(doc: Document, first: bool) -> list:
 
 
 REGRESSION_MODES = ("all", "last_image", "none")
+# Kinds whose every target depends on the document's visual input (a dropped one zeroes them).
+VISUAL_KINDS = ("chat", "grounded", "edit")
 
 
 def _last_image(segments: list) -> int:
@@ -83,6 +90,7 @@ def build_sequence(docs: list[tuple[Document, bool]], seq_length: int, n_query: 
     images: list = []
     boundaries: list[int] = []  # indices of </s> tokens followed by another document
     per_image = image_layout.tokens_per_image(n_query)
+    dropped: list[int] = []
 
     def put(ids: list[int], loss: bool, reg: bool = False) -> None:
         tokens.extend(ids)
@@ -90,11 +98,12 @@ def build_sequence(docs: list[tuple[Document, bool]], seq_length: int, n_query: 
         slots = (image_layout.PLACEHOLDER_ID, image_layout.VIDEO_SLOT_ID)
         regressed.extend(reg and i in slots for i in ids)
 
-    for doc, first in docs:
+    for d, (doc, first) in enumerate(docs):
         if len(tokens) >= cap:
             break
         if tokens:
             boundaries.append(len(tokens) - 1)
+        start, lost = len(tokens), False
         put([st.BOS_ID], True)
         segments = ordered_segments(doc, first)
         last_image = _last_image(segments)
@@ -113,12 +122,20 @@ def build_sequence(docs: list[tuple[Document, bool]], seq_length: int, n_query: 
                     put(image_layout.video_block(len(value), n_query), loss,
                         regression == "all" and regress_video)
                     images.extend(value)
+                else:
+                    lost = lost or doc.kind in VISUAL_KINDS
             elif per_image <= room and len(images) < max_images:
                 reg = regression == "all" or (regression == "last_image" and i == last_image)
                 put(image_layout.image_block(n_query), loss, reg)
                 images.append(value)
+            else:
+                lost = lost or doc.kind in VISUAL_KINDS or (regression == "last_image" and i == last_image)
         if len(tokens) < cap:
             put([st.EOS_ID], True)
+        if lost:
+            target[start:] = [False] * (len(target) - start)
+            regressed[start:] = [False] * (len(regressed) - start)
+            dropped.append(d)
     n = min(len(tokens), cap)
     full = np.full(cap, st.PAD_ID, dtype=np.int64)
     full[:n] = tokens[:n]
@@ -133,4 +150,4 @@ def build_sequence(docs: list[tuple[Document, bool]], seq_length: int, n_query: 
     slots[:n] = regressed[:n]
     reg_mask = np.zeros(seq_length, dtype=bool)
     reg_mask[:-1] = slots[1:seq_length]
-    return Sequence(inputs, labels, loss_mask, reg_mask, images, [d.key for d, _ in docs])
+    return Sequence(inputs, labels, loss_mask, reg_mask, images, [d.key for d, _ in docs], dropped)

@@ -50,7 +50,7 @@ def chat_prompt_ids(question: str, system: str, tokenizer, n_query: int, n_frame
                 more, kinds = prompt_ids(piece, tokenizer, n_query, n_frames)
                 ids, order = ids + more[1:], order + kinds
             elif piece.strip():
-                ids += tokenizer.encode("\n".join(" ".join(line.split()) for line in piece.strip().splitlines()))
+                ids += tokenizer.encode(chat_template.normalize_text(piece))  # as preprocessing
     return ids, order
 
 

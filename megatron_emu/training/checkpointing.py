@@ -230,13 +230,43 @@ def load_full(ckpt: Path, model: list, optimizer, pgs, layout: dict, verify: boo
     return meta
 
 
-def load_weights(ckpt: Path, model: list, optimizer, verify: bool = True) -> dict:
-    """Model weights only (``checkpoint.load``): no optimizer, scheduler, RNG or data position."""
+def load_weights(ckpt: Path, model: list, optimizer, verify: bool = True, vocab_size: Optional[int] = None) -> dict:
+    """Model weights only (``checkpoint.load``): no optimizer, scheduler, RNG or data position.
+    ``vocab_size`` (the config's) above the checkpoint's: the new rows start at the mean of the
+    checkpoint's rows (``init_grown_vocab_rows``)."""
     meta = read_meta(ckpt, verify)
     load_model_state(ckpt, model, verify)
+    saved = meta["config"]["model"]["lm"]["vocab_size"]
+    if vocab_size is not None and vocab_size > saved:
+        init_grown_vocab_rows(model, saved, vocab_size)
     # bf16 models keep fp32 main parameters in the optimizer: refresh them from the loaded weights.
     optimizer.reload_model_params()
     return meta
+
+
+VOCAB_ROW_MODULES = ("embedding.word_embeddings", "heads.output_layer")
+
+
+@torch.no_grad()
+def init_grown_vocab_rows(model: list, old: int, new: int) -> None:
+    """Rows ``old..new-1`` of the embedding and the LM head (vocab-parallel: each TP rank holds
+    a contiguous slice of the padded rows) := the mean of rows ``0..old-1``, so a token added by
+    a vocabulary grown within the padding ([USER] / [ASSISTANT], docs/tuning.md) starts as an
+    average token instead of the zero padding row (embedding zero, logit zero). Every rank of a
+    tensor-parallel group calls this (one all-reduce per module)."""
+    for chunk in model:
+        for name, module in chunk.named_modules():
+            if not name.endswith(VOCAB_ROW_MODULES):
+                continue
+            weight, group = module.weight, module.tp_group
+            rows = weight.shape[0]
+            start = torch.distributed.get_rank(group) * rows
+            mine = weight[: max(0, min(rows, old - start))].float()
+            total = torch.cat([mine.sum(0), torch.tensor([float(mine.shape[0])], device=weight.device)])
+            torch.distributed.all_reduce(total, group=group)
+            lo, hi = max(0, old - start), max(0, min(rows, new - start))
+            if hi > lo:
+                weight[lo:hi] = (total[:-1] / total[-1]).to(weight.dtype)
 
 
 def all_finite(model: list) -> bool:

@@ -172,7 +172,7 @@ class Trainer:
             if found is None:
                 raise TrainingError(f"checkpoint.load: no checkpoint at {ck.load}")
             ckpt.check_model_matches(ckpt.read_meta(found, ck.verify), self.cfg, found, weights_only=True)
-            ckpt.load_weights(found, self.model, self.optimizer, ck.verify)
+            ckpt.load_weights(found, self.model, self.optimizer, ck.verify, self.cfg.model.lm.vocab_size)
             log.info("initialised weights from %s (optimizer, schedule and data start fresh)", found)
 
     def _agreed_checkpoint(self, path: str) -> Optional[Path]:

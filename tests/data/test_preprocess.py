@@ -120,6 +120,6 @@ def test_shards_are_plain_webdataset(datasets):
 
 
 def test_text_whitespace_is_normalised():
-    from data_tools.preprocess import normalize_text
+    from megatron_emu.contracts.chat_template import normalize_text
 
     assert normalize_text("  two  spaces\tand\t\ttabs \n\n next  line ") == "two spaces and tabs\n\nnext line"

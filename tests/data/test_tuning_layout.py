@@ -190,3 +190,111 @@ def test_llava_input_files_jsonl_and_refusals(samples, chat_tok, tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match=f"--input {tmp_path / name}: {what}"):
             run(Options(inputs=[str(tmp_path / name)], out=str(tmp_path / name.split(".")[0]), **opts))
+
+
+def test_a_tuning_document_that_loses_its_image_or_video_trains_nothing():
+    from megatron_emu.data.shard_format import Document
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpeg, format="JPEG")
+    im = jpeg.getvalue()
+    chat = Document("c", "chat", [("special", USER), ("video", [im] * 8), ("text", [5, 6]), ("special", ASSISTANT),
+                                  ("text", [7, 8]), ("special", EOS)], no_loss=frozenset({0, 1, 2, 3}))
+    # the chat preset before the fix: 8 frames x 258 + 1 = 2065 tokens never fit 2048
+    seq = build_sequence([(chat, True)], 2048, n_query=256, max_images=8, regression="none")
+    assert seq.loss_mask.sum() == 0 and seq.dropped == [0] and not seq.images
+    assert build_sequence([(chat, True)], 2048, n_query=64, max_images=8, regression="none").loss_mask.sum() == 4
+    over_cap = build_sequence([(chat, True)], 2048, n_query=4, max_images=7, regression="none")
+    assert over_cap.loss_mask.sum() == 0 and over_cap.dropped == [0]
+    edit = Document("e", "edit", [("image", im), ("text", [5, 6]), ("image", im)])
+    seq = build_sequence([(edit, True)], 16, n_query=4, max_images=1, regression="last_image")
+    assert seq.loss_mask.sum() == 0 and not seq.reg_mask.any() and seq.dropped == [0]
+    # a T2I pair under last_image whose image is dropped: nothing regressed, nothing trained
+    pair = Document("p", "pair", [("text", [5, 6]), ("image", im)])
+    seq = build_sequence([(pair, False)], 7, n_query=4, max_images=8, regression="last_image")
+    assert seq.loss_mask.sum() == 0 and seq.dropped == [0]
+    # pretraining documents keep their text when an image is dropped; a later document is untouched
+    inter = Document("i", "interleaved", [("text", [5, 6]), ("image", im), ("text", [7])])
+    seq = build_sequence([(inter, True), (chat, True)], 2048, n_query=4, max_images=0, regression="all")
+    assert seq.dropped == [1] and seq.loss_mask.sum() == 4  # <s> 5 6 7 </s>: four targets
+
+
+def test_the_loader_counts_dropped_tuning_documents_and_refuses_videos_that_cannot_fit(samples, chat_tok,
+                                                                                         tmp_path):
+    gen = tmp_path / "gen"
+    run(Options(format="gen", inputs=[str(samples / "gen" / "gen.jsonl")], images=str(samples / "gen"),
+                tokenizer=str(chat_tok.directory), out=str(gen), image_size=IMAGE_SIZE, progress=False))
+    spec = LoaderSpec(paths=((1.0, str(gen)),), seq_length=96, n_query=1, image_size=IMAGE_SIZE,
+                      micro_batch_size=2, num_workers=0, regression="last_image", max_images=1)
+    loader = EmuDataLoader(spec)
+    batch = next(loader)  # every Gen sample has two or more images: each loses one
+    assert float(batch.loss_mask.sum()) == 0 and not batch.reg_mask.any()
+    assert loader.bad_samples == int((batch.tokens == BOS).sum()) > 0
+    chat = tmp_path / "chat"
+    summary = run(Options(format="llava", inputs=[str(samples / "chat" / "conversations.json")],
+                          images=str(samples / "chat"), tokenizer=str(chat_tok.directory), out=str(chat),
+                          image_size=IMAGE_SIZE, progress=False, video_frames=8))
+    assert summary["videos"] > 0
+    spec = replace(spec, paths=((1.0, str(chat)),), seq_length=2048, n_query=256, max_images=8, regression="none")
+    with pytest.raises(ValueError, match=rf"data.path {chat}: its videos take 8 frames x 258 tokens .* 2067 tokens "
+                                         r"but train.seq_length is 2048.*raise train.seq_length to at least 2066"):
+        EmuDataLoader(spec)
+    with pytest.raises(ValueError, match=rf"data.path {gen}: an image takes 258 tokens"):
+        EmuDataLoader(replace(spec, paths=((1.0, str(gen)),), seq_length=200))
+    EmuDataLoader(replace(spec, n_query=64)).close()  # 8 x 66 + 1 fits
+
+
+def test_llava_deep_lines_and_sharegpt_system_turns(samples, chat_tok, tmp_path):
+    record = {"id": "s", "conversations": [{"from": "system", "value": "Answer in French. <image>"},
+                                           {"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Salut."}]}
+    deep = "[" * 100_000 + "]" * 100_000
+    lines = tmp_path / "c.jsonl"
+    lines.write_text(json.dumps(record) + "\n" + deep + "\n")
+    opts = dict(format="llava", tokenizer=str(chat_tok.directory), image_size=IMAGE_SIZE, progress=False)
+    summary = run(Options(inputs=[str(lines)], out=str(tmp_path / "a"), **opts))
+    assert summary["chat"] == 1 and summary["skipped"] == {"malformed_json": 1}
+    meta, index = sf.load_index(tmp_path / "a")
+    doc = sf.decode_document("0", sf.read_span(tmp_path / "a" / meta["shards"][0], int(index[0][1]), int(index[0][2])))
+    assert doc.segments[0][1] == chat_tok.encode("Answer in French. <image>") and doc.n_images == 0
+    assert doc.segments[1] == ("special", USER) and 0 in doc.no_loss
+    (tmp_path / "deep.json").write_text(deep)
+    with pytest.raises(ValueError, match=f"--input {tmp_path / 'deep.json'}: not valid JSON"):
+        run(Options(inputs=[str(tmp_path / "deep.json")], out=str(tmp_path / "b"), **opts))
+
+
+def test_answers_keep_their_layout_and_a_question_tokenizes_as_generate_chat_does(samples, chat_tok, tmp_path):
+    from megatron_emu.inference.video import chat_prompt_ids
+
+    question = "  Fix\u00a0this  code:\t\n\n    x = 1\u2028y  "
+    answer = "Here:\n```python\ndef f():\n    return  1\n```"
+    record = {"id": "code", "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    (doc,), _ = _documents(samples, chat_tok, "llava", [record], tmp_path, system_message="none")
+    texts = [v for k, v in doc.segments if k == "text"]
+    assert texts[-1] == chat_tok.encode(answer)  # indentation and double spaces kept
+    ids, _ = chat_prompt_ids(question, "", chat_tok, n_query=2, n_frames=1)
+    assert ids == [BOS, USER, *texts[0], ASSISTANT, *texts[1]]
+
+
+def test_user_and_assistant_ids_are_a_bad_sample_outside_conversations(samples, chat_tok, tmp_path):
+    from data_tools.inspect import inspect
+    from megatron_emu.data.bad_samples import check_document
+    from megatron_emu.data.shard_format import Document
+
+    assert "not a conversation" in check_document(Document("i", "interleaved", [("special", USER), ("text", [5])]))
+    gen = tmp_path / "gen"
+    run(Options(format="gen", inputs=[str(samples / "gen" / "gen.jsonl")], images=str(samples / "gen"),
+                tokenizer=str(chat_tok.directory), out=str(gen), image_size=IMAGE_SIZE, progress=False))
+    meta, index = sf.load_index(gen)
+    doc = int(np.flatnonzero(index[:, sf.COL_KIND] == sf.KIND_CODES["grounded"])[0])
+    path = gen / meta["shards"][int(index[doc, sf.COL_SHARD])]
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b'{"special":%d}' % GROUNDING, int(index[doc, sf.COL_OFFSET]))
+    raw[at:at + 17] = b'{"special":%d}' % USER  # a crafted grounded sample with [USER]
+    path.write_bytes(bytes(raw))
+    assert any("not a conversation" in b for b in inspect(gen)["broken"])
+    loader = EmuDataLoader(LoaderSpec(paths=((1.0, str(gen)),), seq_length=96, n_query=1, image_size=IMAGE_SIZE,
+                                      micro_batch_size=4, num_workers=0, regression="last_image"))
+    for _ in range(6):
+        batch = next(loader)
+        assert f"0:{doc}" not in [k for keys in batch.keys for k in keys] and not (batch.tokens == USER).any()
+    assert loader.bad_samples >= 1
